@@ -1,0 +1,48 @@
+"""Shared bits of the command-line tools: options, config loading, exit codes, error printing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent.config import AgentConfig, load_config
+from agent.errors import AgentError, ConfigError
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="config file (default: $EDGE_AGENT_CONFIG or /etc/edge-agent/agent.toml)")
+    parser.add_argument("--state-dir", type=Path, default=None, help="override agent.state_dir")
+
+
+def config_from(args: argparse.Namespace) -> AgentConfig:
+    return load_config(args.config, args.state_dir)
+
+
+def run_cli(prog: str, description: str, registrars: Sequence[Registrar], argv: Sequence[str] | None) -> int:
+    """Parse, dispatch, and turn typed errors into a message and an exit code (2 = usage/config)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in registrars:
+        register(sub)
+    args = parser.parse_args(argv)
+    handler: Handler = args.func
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"{prog}: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,17 @@
+"""``edge-fleet``: the fleet manager's tool (keys, signing, pushing releases, watching rollouts)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agent.cli.common import Registrar, run_cli
+
+COMMANDS: list[Registrar] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("edge-fleet", "Fleet manager's tool for edge-agent releases.", COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

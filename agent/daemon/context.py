@@ -1,0 +1,44 @@
+"""What every service of the running daemon shares."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.config import AgentConfig
+from agent.daemon.notify import Notifier
+from agent.storage import Store
+
+
+class Service(Protocol):
+    """A long-running part of the daemon. ``run`` returns only when cancelled (or on a fatal error)."""
+
+    name: str
+
+    async def run(self) -> None: ...
+
+
+class Reloadable(Protocol):
+    async def reload(self, config: AgentConfig) -> None: ...
+
+
+@dataclass
+class Context:
+    config: AgentConfig
+    config_path: Path | None
+    store: Store
+    notifier: Notifier
+    started_at: float = field(default_factory=time.time)
+    # components that services share, keyed by their role (e.g. "local_bus", "policies")
+    components: dict[str, Any] = field(default_factory=dict)
+    # short "what it is doing" phrases per service, joined into the sd_notify STATUS= line
+    status_parts: dict[str, str] = field(default_factory=dict)
+
+    def set_status(self, part: str, text: str) -> None:
+        self.status_parts[part] = text
+
+    @property
+    def status_text(self) -> str:
+        return "; ".join(f"{k}: {v}" for k, v in sorted(self.status_parts.items())) or "running"

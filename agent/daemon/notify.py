@@ -1,0 +1,73 @@
+"""systemd's notify protocol: one datagram per message to ``$NOTIFY_SOCKET``.
+
+Written here rather than taken from ``sdnotify`` because that package swallows every error and has
+no wheel; the protocol is a few lines. Without ``$NOTIFY_SOCKET`` (not under systemd) it is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from agent.logs import get_logger
+
+log = get_logger("daemon")
+
+
+class Notifier:
+    def __init__(self, address: str | None = None) -> None:
+        addr = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
+        self._addr: str | None = None
+        if addr:
+            # an abstract socket is written with a leading '@' and sent with a leading NUL
+            self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
+        self._sock: socket.socket | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._addr is not None
+
+    def send(self, *fields: str) -> bool:
+        if self._addr is None:
+            return False
+        if self._sock is None:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.sendto("\n".join(fields).encode(), self._addr)
+        except OSError as exc:
+            log.warning("sd_notify_failed", error=str(exc))
+            return False
+        return True
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def status(self, text: str) -> None:
+        self.send(f"STATUS={text}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+    def reloading(self) -> None:
+        self.send("RELOADING=1")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval() -> float | None:
+    """Half of ``$WATCHDOG_USEC`` in seconds, if systemd asked for watchdog pings for this pid."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2_000_000 if value > 0 else None

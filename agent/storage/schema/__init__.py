@@ -1,0 +1,1 @@
+"""Per-component schema migrations; see ``agent/storage/migrations.py``."""

@@ -1,0 +1,3 @@
+"""Schema of the outbox component (owned by its package)."""
+
+MIGRATIONS: list[str] = []

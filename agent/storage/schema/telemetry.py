@@ -1,0 +1,3 @@
+"""Schema of the telemetry component (owned by its package)."""
+
+MIGRATIONS: list[str] = []

@@ -1,0 +1,3 @@
+"""Schema of the trust component (owned by its package)."""
+
+MIGRATIONS: list[str] = []
