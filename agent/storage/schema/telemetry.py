@@ -1,3 +1,50 @@
-"""Schema of the telemetry component (owned by its package)."""
+"""Local telemetry: sensor readings, latest property values, and the persisted decision log.
 
-MIGRATIONS: list[str] = []
+Contracts other components rely on (add columns only by new migrations):
+- ``properties``: latest value per (device, name) — read by ``status`` and the KubeEdge twin sync.
+- ``decisions``: every policy decision with input/result/reason — read by hot-swap shadow evaluation
+  (the last N inputs) and forwarded to the cloud through the outbox.
+"""
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE readings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        device TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        value REAL,
+        payload TEXT,
+        wall REAL NOT NULL,
+        boot_id TEXT NOT NULL,
+        mono REAL NOT NULL
+    );
+    CREATE INDEX readings_device_metric ON readings (device, metric, id);
+    CREATE TABLE properties (
+        device TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        type TEXT NOT NULL DEFAULT 'string',
+        source TEXT NOT NULL DEFAULT '',
+        wall REAL NOT NULL,
+        boot_id TEXT NOT NULL,
+        mono REAL NOT NULL,
+        PRIMARY KEY (device, name)
+    );
+    CREATE TABLE decisions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        wall REAL NOT NULL,
+        boot_id TEXT NOT NULL,
+        mono REAL NOT NULL,
+        policy_name TEXT NOT NULL,
+        policy_version INTEGER NOT NULL,
+        entrypoint TEXT NOT NULL,
+        input TEXT NOT NULL,
+        result TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        subject TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX decisions_policy ON decisions (policy_name, id);
+    """,
+]
