@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any, Literal, TextIO
 
@@ -21,11 +22,28 @@ _SECRET_MARKERS = ("password", "passphrase", "secret", "token", "private_key")
 EventDict = MutableMapping[str, Any]
 
 
+def _is_secret(key: object) -> bool:
+    return isinstance(key, str) and any(marker in key.lower() for marker in _SECRET_MARKERS)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if depth > 5:
+        return value
+    if isinstance(value, dict):
+        return {k: "***" if _is_secret(k) else _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v, depth + 1) for v in value)
+    return value
+
+
 def redact(_logger: Any, _name: str, event: EventDict) -> EventDict:
-    """Blank out any field whose name says it is a secret, wherever it was logged from."""
-    for key in event:
-        if any(marker in key.lower() for marker in _SECRET_MARKERS):
+    """Blank out any field whose name says it is a secret (also inside logged dicts), wherever it was
+    logged from. Config secrets are also kept out of reprs (``setting(secret=True)``)."""
+    for key in list(event):
+        if _is_secret(key):
             event[key] = "***"
+        elif isinstance(event[key], dict | list | tuple):
+            event[key] = _scrub(event[key])
     return event
 
 
@@ -45,10 +63,47 @@ class _PrefixedJSON:
         return f"<{priority}>" + str(self._json(logger, name, event))
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is *now* (a test harness or daemoniser may swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+class _SafeLogger:
+    """Writes one rendered line; a line that cannot be written is dropped (and counted), never raised.
+
+    A closed or broken stream (journald restarted, a test's captured stream gone) must not kill the
+    thread that logged — the SQLite writer above all.
+    """
+
+    _lock = threading.Lock()
+    dropped = 0
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        try:
+            with self._lock:
+                self._stream.write(message + "\n")
+                self._stream.flush()
+        except (OSError, ValueError):
+            _SafeLogger.dropped += 1
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
+
+
 def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "auto",
               stream: TextIO | None = None) -> None:
     """Configure structlog once per process; safe to call again on SIGHUP."""
-    out = stream or sys.stderr
+    out: Any = stream or _CurrentStderr()
     as_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -64,11 +119,16 @@ def configure(level: str = "info", fmt: Literal["auto", "json", "console"] = "au
     structlog.configure(
         processors=shared + renderer,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *_args: _SafeLogger(out),
         cache_logger_on_first_use=False,
     )
 
 
 def get_logger(component: str) -> Any:
-    """A logger bound to its component name, so every event says where it came from."""
-    return structlog.get_logger().bind(component=component)
+    """A logger bound to its component name, so every event says where it came from.
+
+    It is a lazy proxy: it follows :func:`configure` even when created at import time (module-level
+    ``log = get_logger(...)``) and after a SIGHUP changes the level. Calling ``.bind()`` on it at import
+    time would freeze structlog's *default* configuration into the result: bind per use instead.
+    """
+    return structlog.get_logger(component=component)

@@ -18,9 +18,15 @@ from typing import Any
 
 from agent import __version__
 from agent.config import AgentConfig
-from agent.daemon.lock import daemon_holds_lock
+from agent.control.status import pipeline_section
+from agent.daemon.lock import daemon_holds_lock, lock_pid
+from agent.errors import StorageError
+from agent.fleet.status import fleet_section
+from agent.runtime.status import modules_section
 from agent.storage.db import connect_reader
 from agent.storage.migrations import applied_versions
+from agent.sync.status import kubeedge_section, outbox_section
+from agent.trust.status import releases_section
 
 SCHEMA = "edge-agent.status/v1"
 
@@ -55,10 +61,14 @@ def daemon_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
         return
     pid, version, started, beat, interval, state, text, stopped = row
     age = max(0.0, now - beat)
-    if running:
+    holder = lock_pid(config.state_dir) if running else None
+    if running and holder is not None and holder != pid:
+        # a new daemon holds the lock but has not written its row yet: checking/migrating the database
+        shown = "starting"
+    elif running:
         shown = "running" if age <= 3 * interval + 5 else "stalled"
-    elif state == "stopped":
-        shown = "stopped"
+    elif state in ("stopped", "failed"):
+        shown = state
     else:
         shown = "crashed"
     report.data["daemon"] = {
@@ -66,20 +76,24 @@ def daemon_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
         "started_at": iso(started), "heartbeat_at": iso(beat), "heartbeat_age_s": round(age, 1),
         "status_text": text, "stopped_at": iso(stopped),
     }
+    if shown == "starting":
+        report.data["daemon"].update(pid=holder, status_text="starting: checking and migrating the state database")
+        report.problems.append(f"daemon (pid {holder}) is starting: checking and migrating the state database")
     if shown == "stalled":
         report.problems.append(f"daemon heartbeat is {age:.0f} s old (expected every {interval:g} s)")
     elif shown == "crashed":
         report.problems.append(f"daemon is not running and did not stop cleanly (last heartbeat {iso(beat)})")
     elif shown == "stopped":
         report.problems.append(f"daemon is stopped ({text})")
+    elif shown == "failed":
+        report.problems.append(f"daemon stopped after a failure ({text}); see the errors below")
 
 
 def storage_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:
     db_bytes = sum(p.stat().st_size for p in config.state_dir.glob("agent.db*") if p.is_file())
     usage = shutil.disk_usage(config.state_dir)
     report.data["agent"] = {
-        "version": __version__, "node_id": config.node_id, "state_dir": str(config.state_dir),
-        "db_path": str(config.db_path), "db_bytes": db_bytes,
+        **_agent_basics(config), "db_bytes": db_bytes,
         "disk_free_bytes": usage.free, "disk_total_bytes": usage.total,
         "schema": applied_versions_ro(conn),
     }
@@ -107,16 +121,40 @@ def errors_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
                              for at, c, code, m in rows]
 
 
-SECTIONS: list[Section] = [daemon_section, storage_section, links_section, errors_section]
+SECTIONS: list[Section] = [daemon_section, storage_section, links_section, errors_section, releases_section,
+                           outbox_section, kubeedge_section, pipeline_section, modules_section,
+                           fleet_section]
 
 
 def collect(config: AgentConfig) -> dict[str, Any]:
-    """The whole report as a JSON-ready dict; raises StorageError if there is no database."""
-    conn = connect_reader(config.db_path)
+    """The whole report as a JSON-ready dict. Never raises for a missing, locked or corrupt database:
+    a technician needs the report most exactly then."""
     report = Report()
-    try:
-        for section in SECTIONS:
-            section(conn, config, report)
-    finally:
-        conn.close()
+    conn: sqlite3.Connection | None = None
+    if not config.db_path.exists():
+        report.problems.append(f"no state database at {config.db_path}: the daemon has never run here")
+    else:
+        try:
+            conn = connect_reader(config.db_path)
+        except (StorageError, sqlite3.Error) as exc:
+            report.problems.append(f"cannot read the state database {config.db_path}: {exc}")
+    if conn is None:
+        report.data["daemon"] = {"running": daemon_holds_lock(config.state_dir), "state": "never_started"
+                                 if not config.db_path.exists() else "unknown"}
+        report.data["agent"] = _agent_basics(config)
+    else:
+        try:
+            for section in SECTIONS:
+                try:
+                    section(conn, config, report)
+                except sqlite3.Error as exc:
+                    # a section of a database still being created/migrated: report, keep going
+                    report.problems.append(f"status section '{section.__name__}' unavailable: {exc}")
+        finally:
+            conn.close()
     return {"schema": SCHEMA, "healthy": not report.problems, "problems": report.problems, **report.data}
+
+
+def _agent_basics(config: AgentConfig) -> dict[str, Any]:
+    return {"version": __version__, "node_id": config.node_id, "state_dir": str(config.state_dir),
+            "db_path": str(config.db_path)}

@@ -32,6 +32,10 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: edge-agent needs Python >= 3.11; python3 is $(python3 -V 2>&1)" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

@@ -17,7 +17,10 @@ def test_ready_watchdog_and_clean_stop(tmp_path: Path) -> None:
         assert code == 0, report
         assert report["daemon"]["state"] == "running"  # type: ignore[index]
         assert agent.stop() == 0
-    assert any("STOPPING=1" in m.split("\n") for m in agent.notify.messages)
+    fields = [f for m in agent.notify.messages for f in m.split("\n")]
+    assert "STOPPING=1" in fields
+    assert f"MAINPID={agent.pid}" in ready.split("\n")
+    assert "WATCHDOG=1" not in fields[fields.index("STOPPING=1"):]
     code, report = status_json(state)
     assert code == 1
     assert report["daemon"]["state"] == "stopped"  # type: ignore[index]

@@ -44,5 +44,8 @@ def run_cli(prog: str, description: str, registrars: Sequence[Registrar], argv: 
     except AgentError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    except OSError as exc:  # permissions, missing dirs: say what, not a traceback
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

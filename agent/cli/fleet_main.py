@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from agent.cli.common import Registrar, run_cli
+from agent.fleet import cli as fleet_push_cli
+from agent.trust import fleet_cli
 
-COMMANDS: list[Registrar] = []
+COMMANDS: list[Registrar] = [fleet_cli.register, fleet_push_cli.register_push, fleet_push_cli.register_rollout]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

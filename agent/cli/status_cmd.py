@@ -9,8 +9,7 @@ from typing import Any
 
 from agent.cli.common import EXIT_FAIL, EXIT_OK, add_config_options, config_from
 from agent.config import AgentConfig
-from agent.daemon.lock import daemon_holds_lock
-from agent.status import SCHEMA, collect
+from agent.status import collect
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,11 +20,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def gather(config: AgentConfig) -> dict[str, Any]:
-    if not config.db_path.exists():
-        return {"schema": SCHEMA, "healthy": False,
-                "problems": [f"no state database at {config.db_path}: the daemon has never run here"],
-                "daemon": {"running": daemon_holds_lock(config.state_dir), "state": "never_started"},
-                "agent": {"state_dir": str(config.state_dir), "node_id": config.node_id}}
     return collect(config)
 
 

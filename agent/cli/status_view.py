@@ -52,4 +52,32 @@ EXTRA_TABLES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Links", "links", [("link", "name"), ("state", "state"), ("since", "since"), ("detail", "detail")]),
     ("Recent errors", "errors", [("at", "at"), ("component", "component"), ("code", "code"),
                                  ("message", "message")]),
+    ("Installed releases", "releases", [("kind", "kind"), ("name", "name"), ("version", "version"),
+                                        ("state", "state"), ("signer key", "signer_key"),
+                                        ("installed", "installed_at")]),
+    ("Outbox budget", "outbox_summary", [
+        ("held", "held"), ("budget", "budget"), ("used", "used"), ("written", "per_day"),
+        ("full in (at this rate)", "full_in"), ("uplink", "uplink")]),
+    ("Outbox (store-and-forward)", "outbox_classes", [
+        ("class", "class"), ("backlog", "backlog"), ("bytes", "bytes"), ("oldest unsent", "oldest_unsent"),
+        ("sent", "sent"), ("expired", "expired"), ("dropped", "dropped"), ("thinned", "thinned")]),
+    ("Control loop", "pipeline_counts", [("readings", "readings"), ("rejected", "rejected"),
+                                         ("allowed", "allow"), ("modified", "modify"), ("denied", "deny"),
+                                         ("published", "published"), ("publish failed", "failed"),
+                                         ("events", "events"), ("last reading", "last_reading_at")]),
+    ("Workload modules", "modules", [("module", "name"), ("version", "version"), ("last run", "last_run_at"),
+                                     ("outcome", "last_outcome"), ("runs 24h", "runs_24h"),
+                                     ("failed 24h", "failed_24h"), ("schedule", "schedule")]),
+    ("Last readings", "readings_last", [("device", "device"), ("metric", "metric"), ("value", "value"),
+                                        ("at", "at")]),
+    ("Last denials", "denials_last", [("at", "at"), ("subject", "subject"), ("policy", "policy"),
+                                      ("reason", "reason")]),
+    ("Properties", "properties", [("device", "device"), ("property", "name"), ("value", "value"),
+                                  ("source", "source"), ("updated", "updated_at")]),
+    ("KubeEdge twins", "kubeedge_devices", [
+        ("device", "device_id"), ("bound", "bound"), ("state", "state"), ("twins", "twins"),
+        ("unsynced", "unsynced"), ("error", "error")]),
+    ("Fleet releases (last event per release line)", "fleet", [
+        ("kind", "kind"), ("name", "name"), ("version", "version"), ("state", "state"),
+        ("running", "active_version"), ("shadow", "shadow"), ("reason", "reason"), ("at", "at")]),
 ]

@@ -28,6 +28,7 @@ def load_config(explicit: Path | None = None, state_dir: Path | None = None) -> 
     """Load and validate the config; ``state_dir`` (from ``--state-dir``) overrides the file.
 
     A missing *default* file is not an error: a gateway with no config still runs on defaults.
+    A relative ``agent.state_dir`` is taken relative to the config file's directory.
     """
     path, named = resolve_path(explicit)
     if path.exists():
@@ -38,10 +39,13 @@ def load_config(explicit: Path | None = None, state_dir: Path | None = None) -> 
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read the config file: {exc}") from exc
         config = parse(str(path), AgentConfig, raw)
+        if not config.state_dir.is_absolute():
+            # relative to the file, not to wherever the command happens to run
+            config = config.with_state_dir(Path(os.path.normpath((path.parent / config.state_dir).absolute())))
     elif named:
         raise ConfigError(f"{path}: config file not found (named by --config or ${ENV_VAR})")
     else:
         config = AgentConfig()
     if state_dir is not None:
-        config = config.with_state_dir(state_dir)
+        config = config.with_state_dir(Path(os.path.normpath(state_dir.absolute())))
     return config

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent.config.schema import non_empty, non_negative, port, positive, setting
+from agent.control.settings import PipelineSettings
 from agent.fleet.settings import FleetSettings
 from agent.policy.settings import PolicySettings
 from agent.runtime.settings import ModuleSettings
@@ -22,14 +23,16 @@ from agent.sync.settings import KubeEdgeSettings, OutboxSettings
 @dataclass(frozen=True)
 class AgentSettings:
     node_id: str = setting("", doc="Stable gateway id used in client ids and topics; empty = the host name.")
-    state_dir: Path = setting(Path("/var/lib/edge-agent"), doc="Where the SQLite state and caches live.")
+    state_dir: Path = setting(Path("/var/lib/edge-agent"),
+                              doc="Where the SQLite state and caches live; relative = relative to the config file.")
     log_level: Literal["debug", "info", "warning", "error"] = setting("info", doc="Lowest log level written.")
     log_format: Literal["auto", "json", "console"] = setting(
         "auto", doc="auto = JSON lines with journald priority when not a TTY, readable on a TTY.")
     heartbeat_interval_s: float = setting(5.0, check=positive,
                                           doc="How often the daemon stamps its heartbeat into SQLite.")
     stop_timeout_s: float = setting(10.0, check=positive,
-                                    doc="Bound on a graceful stop after SIGTERM before tasks are cancelled.")
+                                    doc="Bound on a graceful stop: how long services get to finish after SIGTERM "
+                                        "before the daemon exits anyway.")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class LocalBrokerSettings:
     keepalive_s: int = setting(30, check=positive, doc="MQTT keepalive.")
     subscriptions: list[str] = setting(default_factory=lambda: ("factory/#",),
                                        doc="Topic filters for sensor readings.")
+    reconnect_min_s: float = setting(0.5, check=positive,
+                                     doc="First reconnect delay (doubles per failure, with jitter).")
     reconnect_max_s: float = setting(30.0, check=positive, doc="Cap of the reconnect backoff.")
 
 
@@ -65,6 +70,7 @@ class AgentConfig:
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     kubeedge: KubeEdgeSettings = field(default_factory=KubeEdgeSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
 
     @property
     def node_id(self) -> str:

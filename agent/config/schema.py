@@ -8,6 +8,7 @@ Sections are frozen dataclasses; per-field rules live in ``field(metadata=...)``
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -24,9 +25,10 @@ def setting(default: Any = dataclasses.MISSING, *, doc: str, check: Check | None
             secret: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
     """Declare a config key with its documentation and an optional value check."""
     meta = {"doc": doc, "check": check, "secret": secret}
+    # a secret never shows up in a repr (and so never in a log line or a traceback)
     if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
+        return dataclasses.field(default_factory=default_factory, metadata=meta, repr=not secret)
+    return dataclasses.field(default=default, metadata=meta, repr=not secret)
 
 
 def positive(value: Any) -> str | None:
@@ -114,6 +116,8 @@ def _convert(ctx: _Ctx, key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             ctx.fail(key, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            ctx.fail(key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -137,12 +141,19 @@ def build_section(ctx: _Ctx, prefix: str, cls: type[T], raw: dict[str, Any]) -> 
     for name, f in fields.items():
         key = _join(prefix, name)
         if name in raw:
-            value = _convert(ctx, key, hints[name], raw[name])
+            secret = bool(f.metadata.get("secret"))
+            try:
+                value = _convert(ctx, key, hints[name], raw[name])
+            except ConfigError:
+                if not secret:
+                    raise
+                # the usual message quotes the value: never for a secret
+                ctx.fail(key, f"expected {_type_name(hints[name])} (value not shown: it is a secret)")
             check = f.metadata.get("check")
             if check is not None:
                 problem = check(value)
                 if problem:
-                    ctx.fail(key, f"{problem} (got {value!r})")
+                    ctx.fail(key, f"{problem} (got {'a secret value' if secret else repr(value)})")
             values[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             ctx.fail(key, "is required")

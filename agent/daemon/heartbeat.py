@@ -32,9 +32,13 @@ def beat_job(state: str, status_text: str) -> WriteJob:
     return job
 
 
-def stopped_job(reason: str) -> WriteJob:
+def stopped_job(reason: str, state: str = "stopped") -> WriteJob:
+    """The last write of a daemon: ``stopped`` after a requested stop, ``failed`` after a failure."""
     def job(db: sqlite_utils.Database) -> None:
         now = time.time()
-        db.execute("UPDATE daemon SET heartbeat_at = ?, stopped_at = ?, state = 'stopped', status_text = ?"
-                   " WHERE id = 1", (now, now, reason))
+        db.execute("UPDATE daemon SET heartbeat_at = ?, stopped_at = ?, state = ?, status_text = ?"
+                   " WHERE id = 1", (now, now, state, reason))
+        # with the daemon gone no link is up, whatever its service last wrote
+        db.execute("UPDATE links SET state = 'down', detail = 'daemon stopped', since = ?, updated_at = ?"
+                   " WHERE state != 'down'", (now, now))
     return job

@@ -8,11 +8,13 @@ instead of pinging, so systemd restarts it cleanly.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 from agent.daemon.context import Context
 from agent.daemon.heartbeat import beat_job
 from agent.daemon.notify import watchdog_interval
+from agent.errors import StorageError
 from agent.logs import get_logger
 
 log = get_logger("daemon")
@@ -43,11 +45,26 @@ class Supervisor:
 
     async def run(self) -> None:
         last_notified = ""
+        failing = False
         while True:
             self.check_tasks()
             started = time.monotonic()
-            await self.ctx.store.writer.run(beat_job("running", self.ctx.status_text))
-            self.beats += 1
+            try:
+                await self.ctx.store.writer.run(beat_job("running", self.ctx.status_text))
+                self.beats += 1
+                if failing:
+                    failing = False
+                    self.ctx.status_parts.pop("storage", None)
+                    log.info("heartbeat_write_recovered")
+            except (StorageError, sqlite3.Error) as exc:
+                if not self.ctx.store.writer.alive:
+                    raise
+                # e.g. a full disk: restarting would not help and would lose the in-memory state, so keep
+                # running (and pinging: the writer answered) and say so; status shows a stale heartbeat
+                if not failing:
+                    failing = True
+                    log.error("heartbeat_write_failed", error=str(exc))
+                    self.ctx.set_status("storage", f"cannot write the state database: {exc}")
             if self.watchdog_s is not None:
                 self.ctx.notifier.watchdog()
             if self.ctx.status_text != last_notified:

@@ -1,1 +1,1 @@
-"""messaging package."""
+"""The local bus (the gateway's MQTT broker) and durable ingest of sensor readings."""

@@ -1,4 +1,4 @@
-"""The ``[policy]`` table: sandbox limits of the OPA-Wasm engine."""
+"""The ``[policy]`` table: sandbox limits and tuning of the OPA-Wasm engine."""
 
 from __future__ import annotations
 
@@ -14,3 +14,9 @@ class PolicySettings:
     memory_limit_mb: int = setting(64, check=positive, doc="Linear-memory cap of one policy instance.")
     decision_policy: str = setting("", doc="Name of the installed policy release that gates actuations and "
                                    "twin updates; empty = the first active policy.")
+    max_output_bytes: int = setting(1024 * 1024, check=positive,
+                                    doc="Largest result set (JSON bytes) one evaluation may return.")
+    pool_size: int = setting(4, check=positive,
+                             doc="Idle instances kept per policy (one per concurrently evaluating thread).")
+    fast_calls: bool = setting(True, doc="Use the pinned wasmtime-py fast call path; false = public API "
+                               "(about 10x slower, for a wasmtime upgrade gone wrong).")

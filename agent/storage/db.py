@@ -50,18 +50,31 @@ def connect_reader(path: Path) -> sqlite3.Connection:
         return conn
 
 
+# SQLite result codes that mean "this file is damaged" (as opposed to busy, locked, I/O, permissions)
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+
 def check_integrity(path: Path) -> str | None:
-    """``None`` if the file is a healthy database (or absent), else the problem found."""
+    """``None`` if the file is a healthy database (or absent), else the damage found.
+
+    Only real damage counts: a busy, locked or unreadable file raises :class:`StorageError` instead, so a
+    healthy database is never moved aside because someone else held a lock at that moment.
+    """
     if not path.exists():
         return None
     try:
         conn = sqlite3.connect(str(path), isolation_level=None)
         try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             rows = conn.execute("PRAGMA quick_check").fetchall()
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        return str(exc)
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+            return str(exc)
+        raise StorageError(f"{path}: cannot check the database ({exc}); it was left untouched") from exc
     problems = [str(r[0]) for r in rows if r[0] != "ok"]
     return "; ".join(problems[:5]) if problems else None
 
@@ -85,7 +98,11 @@ def quarantine(path: Path, problem: str) -> Path:
 
 
 def open_checked(path: Path) -> DatabaseCorrupt | None:
-    """Integrity-check ``path`` at start; move a corrupt file aside and return what happened."""
+    """Integrity-check ``path`` at start; move a corrupt file aside and return what happened.
+
+    Only the process that holds the state-dir lock (the daemon) may call this: moving the file
+    away from under a running daemon would split its state in two.
+    """
     problem = check_integrity(path)
     if problem is None:
         return None

@@ -14,7 +14,7 @@ import sqlite_utils
 
 from agent.errors import DatabaseCorrupt
 from agent.logs import get_logger
-from agent.storage.db import connect_reader, connect_writer, open_checked
+from agent.storage.db import check_integrity, connect_reader, connect_writer, open_checked
 from agent.storage.migrations import migrate
 from agent.storage.writer import WriteJob, Writer
 
@@ -30,10 +30,25 @@ class Store:
         self.corrupt = corrupt
 
     @classmethod
-    def open(cls, state_dir: Path, *, synchronous: str = "FULL", batch_max: int = 256) -> Store:
+    def open(cls, state_dir: Path, *, synchronous: str = "FULL", batch_max: int = 256,
+             owner: bool = False) -> Store:
+        """Check, migrate and open the state database of ``state_dir``.
+
+        ``owner=True`` only for the process holding the state-dir lock (the daemon): it moves a corrupt
+        file aside and starts fresh. Anyone else (CLI commands, tests) gets :class:`DatabaseCorrupt`
+        and the file stays where it is, since a daemon may be using it.
+        """
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         path = state_dir / "agent.db"
-        corrupt = open_checked(path)
+        if owner:
+            corrupt = open_checked(path)
+        else:
+            corrupt = None
+            problem = check_integrity(path)
+            if problem is not None:
+                raise DatabaseCorrupt(
+                    f"{path}: the database failed its integrity check ({problem}); restart the daemon "
+                    "(systemctl restart edge-agent): it moves the file aside and starts a fresh one")
         conn = connect_writer(path, synchronous)
         try:
             migrate(conn)

@@ -32,8 +32,16 @@ WriteJob = Callable[[sqlite_utils.Database], None]
 _STOP = object()
 
 
+class _BatchLost(Exception):
+    """The transaction of a batch ended inside a job; nothing of the batch can be trusted as stored."""
+
+
 class Writer:
-    """Owns the only writing connection of the process. Thread-safe to submit to."""
+    """Owns the only writing connection of the process. Thread-safe to submit to.
+
+    A job awaited through :meth:`run` whose caller is cancelled before the job started is not run
+    (its future is cancelled); once started, it runs and commits regardless.
+    """
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", batch_max: int = 256) -> None:
         self.path = path
@@ -42,6 +50,7 @@ class Writer:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._closed = threading.Event()
         self._start_error: BaseException | None = None
         self.commits = 0
         self.jobs = 0
@@ -63,13 +72,15 @@ class Writer:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._closed.is_set()
 
     def submit(self, job: Callable[[sqlite_utils.Database], T]) -> Future[T]:
         if not self.alive:
             raise StorageError("the database writer is not running")
         fut: Future[T] = Future()
         self._queue.put((job, fut))
+        if self._closed.is_set():  # the thread ended between the check and the put: never leave it hanging
+            self._fail_pending()
         return fut
 
     def run_sync(self, job: Callable[[sqlite_utils.Database], T]) -> T:
@@ -80,15 +91,27 @@ class Writer:
         """Run a job and await its commit without blocking the event loop."""
         return await asyncio.wrap_future(self.submit(job))
 
+    def _fail_pending(self) -> None:
+        err = StorageError("the database writer stopped before this write ran; nothing of it was stored")
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(err)
+
     def _run(self) -> None:
         try:
             conn = connect_writer(self.path, self._synchronous)
             db = sqlite_utils.Database(conn)
         except BaseException as exc:  # reported to start()
             self._start_error = exc
+            self._closed.set()
             self._ready.set()
             return
         self._ready.set()
+        batch: list[tuple[Job, Future[Any]]] = []
         try:
             while True:
                 first = self._queue.get()
@@ -106,38 +129,60 @@ class Writer:
                         break
                     batch.append(item)
                 self._commit(conn, db, batch)
+                batch = []
                 if stop_after:
                     break
+        except BaseException as exc:
+            # a bug in the writer itself: fail loudly, never leave a caller waiting forever
+            log.critical("db_writer_died", error=repr(exc), path=str(self.path))
+            err = StorageError(f"{self.path}: the database writer failed ({exc!r}); this write was not stored")
+            for _, fut in batch:
+                if not fut.done() and (fut.running() or fut.set_running_or_notify_cancel()):
+                    fut.set_exception(err)
+            raise
         finally:
-            conn.close()
+            self._closed.set()
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+                self._fail_pending()
 
     def _commit(self, conn: sqlite3.Connection, db: sqlite_utils.Database,
                 batch: list[tuple[Job, Future[Any]]]) -> None:
+        live = [(job, fut) for job, fut in batch if fut.set_running_or_notify_cancel()]
+        if not live:
+            return
         outcomes: list[tuple[Future[Any], bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for i, (job, fut) in enumerate(batch):
-                if not fut.set_running_or_notify_cancel():
-                    continue
+            for i, (job, fut) in enumerate(live):
                 conn.execute(f"SAVEPOINT job{i}")
                 try:
                     result = job(db)
-                except BaseException as exc:
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        # the error took the whole transaction with it (e.g. disk full, RAISE(ROLLBACK))
+                        raise _BatchLost(f"{type(exc).__name__}: {exc}") from exc
                     conn.execute(f"ROLLBACK TO job{i}")
                     conn.execute(f"RELEASE job{i}")
                     outcomes.append((fut, False, exc))
-                else:
-                    conn.execute(f"RELEASE job{i}")
-                    outcomes.append((fut, True, result))
+                    continue
+                if not conn.in_transaction:
+                    log.error("db_job_ended_transaction", job=getattr(job, "__qualname__", repr(job)))
+                    raise _BatchLost("a write job committed or rolled back the writer's transaction; "
+                                     "jobs must use db.atomic() or savepoints, never COMMIT/ROLLBACK")
+                conn.execute(f"RELEASE job{i}")
+                outcomes.append((fut, True, result))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, _BatchLost) as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            log.error("db_commit_failed", error=str(exc), jobs=len(batch), path=str(self.path))
+            log.error("db_commit_failed", error=str(exc), jobs=len(live), path=str(self.path))
             err = StorageError(f"{self.path}: commit failed ({exc}); nothing of this write was stored")
-            for _, fut in batch:
-                if fut.running():
-                    fut.set_exception(err)
+            for _, fut in live:
+                fut.set_exception(err)
             return
         self.commits += 1
         self.jobs += len(outcomes)

@@ -1,3 +1,52 @@
-"""Schema of the outbox component (owned by its package)."""
+"""Schema of the outbox (store-and-forward to the cloud), owned by ``agent.sync``.
 
-MIGRATIONS: list[str] = []
+- ``outbox``: one row per record still to deliver; a row is deleted in the same transaction that
+  records its broker acknowledgement, so what remains *is* the resumable drain position.
+- ``outbox_boots``: boots seen (a small integer per boot id keeps rows short) with one recent
+  (wall, mono) pair each, so ages of older-boot records survive wall-clock jumps.
+- ``outbox_classes``: running totals per class (rows/bytes held; enqueued, sent, expired, dropped, thinned).
+- ``outbox_daily``: bytes written per day, for the bytes/day rate and the time-to-full forecast.
+"""
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE outbox_boots (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        boot_id TEXT NOT NULL UNIQUE,
+        first_wall REAL NOT NULL,
+        last_wall REAL NOT NULL,
+        last_mono REAL NOT NULL
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        cls INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        wall REAL NOT NULL,
+        boot INTEGER NOT NULL,
+        mono REAL NOT NULL,
+        bytes INTEGER NOT NULL,
+        thinned INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX outbox_key ON outbox (key);
+    CREATE INDEX outbox_cls ON outbox (cls, id);
+    CREATE TABLE outbox_classes (
+        cls INTEGER PRIMARY KEY,
+        rows INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        enqueued INTEGER NOT NULL DEFAULT 0,
+        sent INTEGER NOT NULL DEFAULT 0,
+        expired INTEGER NOT NULL DEFAULT 0,
+        dropped INTEGER NOT NULL DEFAULT 0,
+        thinned INTEGER NOT NULL DEFAULT 0,
+        duplicates INTEGER NOT NULL DEFAULT 0,
+        acked_id INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO outbox_classes (cls) VALUES (0), (1), (2), (3);
+    CREATE TABLE outbox_daily (
+        day TEXT PRIMARY KEY,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        rows INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+]

@@ -1,0 +1,36 @@
+"""The ``[pipeline]`` table: durable ingest, retention, and the policy gate of actuations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from agent.config.schema import between, non_negative, positive, setting
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    readings_max_rows: int = setting(
+        1_000_000, check=non_negative,
+        doc="Most sensor readings kept in SQLite (oldest deleted first); 0 = no count limit.")
+    readings_max_age_s: float = setting(
+        7 * 24 * 3600.0, check=non_negative,
+        doc="Readings older than this (wall clock) are deleted; 0 = no age limit.")
+    decisions_max_rows: int = setting(
+        2_000_000, check=non_negative,
+        doc="Most decision-log rows kept (oldest deleted first; the outbox forwards them); 0 = unlimited.")
+    rejects_max_rows: int = setting(
+        10_000, check=positive, doc="Most malformed messages kept (with their error) for a technician to inspect.")
+    events_max_rows: int = setting(100_000, check=positive, doc="Most module events/alerts kept.")
+    retention_interval_s: float = setting(30.0, check=positive, doc="How often retention runs.")
+    ingest_batch_max: int = setting(
+        512, check=positive, doc="Most messages stored in one write job (then acknowledged together).")
+    max_payload_bytes: int = setting(
+        65536, check=positive, doc="Larger sensor payloads are rejected as malformed (and acknowledged).")
+    policy_entrypoint: str = setting(
+        "edge/decision", doc="Entrypoint of the gate policy that decides on actuations and property updates.")
+    no_policy: Literal["deny", "allow"] = setting(
+        "deny", doc="Decision when no gate policy is installed: deny (fail closed) or allow. "
+        "A policy that fails to evaluate always denies.")
+    actuation_qos: int = setting(1, check=between(0, 1), doc="QoS of published actuations.")
+    publish_timeout_s: float = setting(5.0, check=positive, doc="Bound on waiting for the broker's PUBACK.")

@@ -1,0 +1,627 @@
+"""OPA-Wasm policy engine: load ``opa build -t wasm`` output and evaluate it, sandboxed and fast.
+
+Public API (used by the pipeline for actuation gating and the fleet component for shadow
+evaluation and hot swap):
+
+* :func:`load_policy` → :class:`Policy` (raw ``policy.wasm`` bytes/path or an OPA bundle ``.tar.gz``);
+* :meth:`Policy.evaluate` → :class:`ResultSet` (``[]`` = undefined, distinct from ``false``/``null``);
+* :class:`PolicyLoadError`, :class:`PolicyEvalError` (``code``: trap, deadline, memory, abort,
+  builtin_error, output_too_large, bad_input, unknown_entrypoint).
+
+ABI 1.0–1.3 (``/work/shared/briefs/opa-wasm-abi.md``): minor ≥ 2 uses the one-call ``opa_eval``
+fast path (input written JS-SDK style at the data heap pointer, heap = input end); older modules use
+the context path. A builtin the agent lacks is refused at load, naming it.
+
+Threads: a ``Policy`` owns a small pool of instances (one Store each; Stores are single-threaded).
+``evaluate`` takes an idle instance or builds one, so it may be called from the event-loop thread
+(the daemon does this: one evaluation is tens of µs, cheaper than a thread hop) and from pool
+threads at the same time. Swapping a policy is swapping the ``Policy`` reference
+(:class:`agent.policy.registry.PolicyRegistry`): evaluations in flight finish on the old object.
+
+Sandbox: an epoch deadline per evaluation, a memory cap per instance (memory type max +
+``Store.set_limits``), an output cap; after any failure the instance is discarded, never reused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import struct
+import threading
+import time
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+
+from agent.logs import get_logger
+from agent.policy.bundle import BundleError, is_bundle, read_bundle
+from agent.policy.calls import _MEM_DATA, _MEM_SIZE, _SET_DEADLINE, FastCalls, OutputTooLarge, PublicCalls, make_calls
+from agent.policy.errors import BuiltinError, PolicyEvalError, PolicyLoadError
+from agent.policy.registry_builtins import UNDEFINED, BuiltinContext, Builtins
+from agent.policy.settings import PolicySettings
+from agent.runtime.engine import FAR_DEADLINE_TICKS, WasmEngine, shared_engine
+
+__all__ = ["NO_INPUT", "Policy", "PolicyEvalError", "PolicyLoadError", "ResultSet", "load_policy"]
+
+log = get_logger("policy")
+
+PAGE = 65536
+_I32 = wasmtime.ValType.i32()
+_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_DECODE = json.JSONDecoder().decode
+_memmove = ctypes.memmove
+_PACK_EVAL_ARGS = struct.Struct("<" + "i12x" * 7).pack_into
+LATENCY_BUCKETS_US = (10, 20, 30, 50, 70, 100, 200, 500, 1000, 5000, 20000, 100000)
+
+
+class _NoInput:
+    def __repr__(self) -> str:
+        return "NO_INPUT"
+
+
+NO_INPUT: Any = _NoInput()
+"""Pass as ``input`` to leave ``input`` undefined (``None`` means JSON ``null``)."""
+
+
+@dataclass(frozen=True)
+class ResultSet:
+    """OPA's result set: ``raw`` is the list exactly as the policy gave it."""
+
+    raw: list[Any]
+
+    @property
+    def defined(self) -> bool:
+        return len(self.raw) > 0
+
+    @property
+    def value(self) -> Any:
+        """The decision (``raw[0]["result"]``), or ``None`` when undefined — check ``defined``."""
+        if not self.raw:
+            return None
+        first = self.raw[0]
+        return first.get("result") if isinstance(first, dict) else first
+
+
+class _Abort(Exception):
+    """Raised from ``opa_abort``: the guest hit a fatal error."""
+
+
+@dataclass
+class PolicyStats:
+    """Health counters the fleet component reads (monotonic; reset by replacing the Policy)."""
+
+    evals: int = 0
+    undefined: int = 0
+    errors: int = 0
+    traps: int = 0
+    deadline_hits: int = 0
+    instances_created: int = 0
+    instances_discarded: int = 0
+    latency_us: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_US) + 1))
+    errors_by_code: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"evals": self.evals, "undefined": self.undefined, "errors": self.errors, "traps": self.traps,
+                "deadline_hits": self.deadline_hits, "instances_created": self.instances_created,
+                "instances_discarded": self.instances_discarded, "errors_by_code": dict(self.errors_by_code),
+                "latency_buckets_us": list(LATENCY_BUCKETS_US), "latency_counts": list(self.latency_us)}
+
+
+_REQUIRED = ("opa_malloc", "opa_json_parse", "opa_json_dump", "opa_heap_ptr_get", "opa_heap_ptr_set",
+             "builtins", "entrypoints", "opa_eval_ctx_new", "opa_eval_ctx_set_input", "opa_eval_ctx_set_data",
+             "opa_eval_ctx_set_entrypoint", "opa_eval_ctx_get_result", "eval")
+
+
+class _Shape:
+    """What load learned about the module: ABI, imports, maps (shared by all its instances)."""
+
+    def __init__(self, module: wasmtime.Module) -> None:
+        self.mem_min = 2
+        self.imports: set[str] = set()
+        for imp in module.imports:
+            name = imp.name or ""
+            if imp.module != "env":
+                raise PolicyLoadError(f"policy imports {imp.module}.{name}, which is not part of the OPA Wasm ABI")
+            ty = imp.type
+            if name == "memory":
+                if not isinstance(ty, wasmtime.MemoryType):
+                    raise PolicyLoadError("policy import env.memory is not a memory")
+                self.mem_min = ty.limits.min
+            elif name in ("opa_abort", "opa_println") or (name.startswith("opa_builtin") and name[11:] in
+                                                            ("0", "1", "2", "3", "4")):
+                self.imports.add(name)
+            else:
+                raise PolicyLoadError(f"policy imports env.{name}, which the OPA Wasm ABI does not define; "
+                                      "is this really 'opa build -t wasm' output?")
+        if "memory" not in {imp.name for imp in module.imports}:
+            raise PolicyLoadError("policy does not import env.memory; not an OPA Wasm policy")
+        self.major = 0
+        self.minor = 0
+        self.builtin_names: dict[int, str] = {}
+        self.entrypoints: dict[str, int] = {}
+
+
+class _Instance:
+    """One Store + instance + loaded data. Single-threaded; discarded after any failure."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        shape = policy._shape
+        settings = policy.settings
+        self.generation = policy._generation
+        self.bctx = BuiltinContext(now_ns=time.time_ns())
+        self.store = policy._wasm.new_store()
+        cap = settings.memory_limit_mb * 1024 * 1024
+        self.store.set_limits(memory_size=cap)
+        max_pages = max(shape.mem_min, cap // PAGE)
+        self.memory = wasmtime.Memory(self.store, wasmtime.MemoryType(wasmtime.Limits(shape.mem_min, max_pages)))
+        linker = wasmtime.Linker(policy._wasm.engine)
+        linker.define(self.store, "env", "memory", self.memory)
+        self._define_imports(linker, shape.imports)
+        self.calls: FastCalls | PublicCalls | None = None
+        try:
+            inst = linker.instantiate(self.store, policy._module)
+        except _Abort as exc:
+            raise PolicyLoadError(f"policy aborted while starting: {exc}") from exc
+        except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+            raise PolicyLoadError(f"policy failed to instantiate: {exc}") from exc
+        exports = inst.exports(self.store)
+        self.funcs: dict[str, wasmtime.Func] = {}
+        for name in (*_REQUIRED, "opa_eval", "opa_heap_blocks_stash", "opa_heap_blocks_restore",
+                     "opa_heap_stash_clear", "opa_value_free", "opa_value_add_path", "opa_value_remove_path"):
+            item = exports.get(name)
+            if isinstance(item, wasmtime.Func):
+                self.funcs[name] = item
+        self.globals = {n: exports.get(n) for n in ("opa_wasm_abi_version", "opa_wasm_abi_minor_version")}
+        self.calls = make_calls(settings.fast_calls, self.store, self.memory, self.funcs)
+        self.eval_ref = self.calls.refs.get("opa_eval") if isinstance(self.calls, FastCalls) else None
+        self.initial_heap_ptr = 0
+        self.data_addr = 0
+        self.data_heap_ptr = 0
+        self.broken = False
+
+    # -- imports ---------------------------------------------------------------------------------
+    def _define_imports(self, linker: wasmtime.Linker, imports: set[str]) -> None:
+        if "opa_abort" in imports:
+            linker.define_func("env", "opa_abort", wasmtime.FuncType([_I32], []), self._abort)
+        if "opa_println" in imports:
+            linker.define_func("env", "opa_println", wasmtime.FuncType([_I32], []), self._println)
+        for n in range(5):
+            if f"opa_builtin{n}" in imports:
+                linker.define_func("env", f"opa_builtin{n}", wasmtime.FuncType([_I32] * (n + 2), [_I32]),
+                                   self._dispatch)
+
+    def _guest_str(self, addr: int, limit: int = 64 * 1024) -> str:
+        try:
+            if self.calls is not None:
+                raw = self.calls.read_cstr(addr, limit)
+            else:  # during the start function: read through the public API
+                raw = PublicCalls(self.store, self.memory, {}).read_cstr(addr, limit)
+        except OutputTooLarge:
+            return f"<unreadable message at {addr}>"
+        return raw.decode("utf-8", "replace")
+
+    def _abort(self, addr: int) -> None:
+        raise _Abort(self._guest_str(addr))
+
+    def _println(self, addr: int) -> None:
+        log.info("policy_println", policy=self.policy.name, text=self._guest_str(addr))
+
+    def _dispatch(self, bid: int, _ctx: int, *args: int) -> int:
+        calls = self.calls
+        if calls is None:
+            raise BuiltinError(f"policy called builtin id {bid} before it was loaded")
+        name = self.policy._shape.builtin_names.get(bid)
+        fn = self.policy._builtin_fns.get(bid)
+        if name is None or fn is None:
+            raise BuiltinError(f"policy called builtin id {bid}, which is not in its builtins() table")
+        values = []
+        for a in args:
+            if a == 0:
+                raise BuiltinError(f"builtin {name}: argument is a null value address")
+            values.append(_DECODE(calls.read_cstr(calls.call("opa_json_dump", a),
+                                                  self.policy.settings.max_output_bytes).decode()))
+        try:
+            result = fn(self.bctx, *values)
+        except BuiltinError:
+            raise
+        except Exception as exc:  # a builtin bug or bad argument fails this evaluation only
+            raise BuiltinError(f"builtin {name} failed: {type(exc).__name__}: {exc}") from exc
+        if result is UNDEFINED:
+            return 0
+        blob = _ENCODE(result).encode()
+        ptr = calls.call("opa_malloc", len(blob))
+        calls.write(ptr, blob)
+        value = calls.call("opa_json_parse", ptr, len(blob))
+        if value == 0:
+            raise BuiltinError(f"builtin {name}: the policy could not parse its result")
+        return value
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def abi(self) -> tuple[int, int]:
+        major = self.globals["opa_wasm_abi_version"]
+        minor = self.globals["opa_wasm_abi_minor_version"]
+        if not isinstance(major, wasmtime.Global):
+            raise PolicyLoadError("policy exports no opa_wasm_abi_version global; not an OPA Wasm policy "
+                                  "(or built by an OPA older than 0.27)")
+        mi = minor.value(self.store) if isinstance(minor, wasmtime.Global) else 0
+        return int(major.value(self.store)), int(mi or 0)
+
+    def read_map(self, export: str) -> dict[str, Any]:
+        assert self.calls is not None
+        self.calls.set_deadline(FAR_DEADLINE_TICKS)
+        addr = self.calls.call(export)
+        text = self.calls.read_cstr(self.calls.call("opa_json_dump", addr), 1 << 20)
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise PolicyLoadError(f"policy's {export}() is not an object")
+        return value
+
+    def load_data(self, blob: bytes) -> None:
+        """Steps 8–11 of the brief: initial heap pointer, parse data, stash (1.3), snapshot."""
+        calls = self.calls
+        assert calls is not None
+        calls.set_deadline(FAR_DEADLINE_TICKS)
+        if not self.initial_heap_ptr:
+            calls.call("opa_malloc", 0)
+            self.initial_heap_ptr = calls.call("opa_heap_ptr_get")
+        else:
+            if "opa_heap_stash_clear" in self.funcs:
+                calls.call("opa_heap_stash_clear")
+            calls.call("opa_heap_ptr_set", self.initial_heap_ptr)
+        ptr = calls.call("opa_malloc", len(blob))
+        calls.write(ptr, blob)
+        addr = calls.call("opa_json_parse", ptr, len(blob))
+        if addr == 0:
+            raise PolicyLoadError("policy runtime rejected the data document as invalid JSON")
+        self.data_addr = addr
+        if "opa_heap_blocks_stash" in self.funcs:
+            calls.call("opa_heap_blocks_stash")
+        self.data_heap_ptr = calls.call("opa_heap_ptr_get")  # always re-read after a data change
+        self.generation = self.policy._generation
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def eval_fast(self, ep: int, blob: bytes, ticks: int, limit: int) -> bytes:
+        """ABI ≥ 1.2: input written at the data heap pointer, then one ``opa_eval`` call."""
+        calls = self.calls
+        n = len(blob)
+        addr = self.data_heap_ptr
+        if isinstance(calls, FastCalls):
+            ctx, mem = calls.ctx_addr, calls.mem_addr
+            if addr + n + 8 > _MEM_SIZE(ctx, mem):
+                self._grow(addr + n + 8 - _MEM_SIZE(ctx, mem))
+            if n:
+                _memmove(_MEM_DATA(ctx, mem) + addr, blob, n)  # base re-read: memory may have moved
+            buf = calls.buffer()
+            # the 7 i32 arguments of opa_eval in one struct write (each raw value is 16 bytes)
+            _PACK_EVAL_ARGS(buf, 0, 0, ep, self.data_addr, addr, n, addr + n, 0)
+            _SET_DEADLINE(ctx, ticks)
+            return calls.read_cstr(calls.call_ref(self.eval_ref, buf), limit)
+        assert calls is not None
+        size = calls.mem_size()
+        if addr + n + 8 > size:
+            self._grow(addr + n + 8 - size)
+        calls.write(addr, blob)
+        calls.set_deadline(ticks)
+        out = calls.call("opa_eval", 0, ep, self.data_addr, addr, n, addr + n, 0)
+        return calls.read_cstr(out, limit)
+
+    def eval_ctx(self, ep: int, blob: bytes | None, ticks: int, limit: int) -> bytes:
+        calls = self.calls
+        assert calls is not None
+        calls.set_deadline(ticks)
+        calls.call("opa_heap_ptr_set", self.data_heap_ptr)
+        ctx = calls.call("opa_eval_ctx_new")
+        if blob is not None:
+            ptr = calls.call("opa_malloc", len(blob))
+            calls.write(ptr, blob)
+            value = calls.call("opa_json_parse", ptr, len(blob))
+            if value == 0:
+                raise PolicyEvalError("policy runtime could not parse the input JSON", code="bad_input")
+            calls.call("opa_eval_ctx_set_input", ctx, value)
+        calls.call("opa_eval_ctx_set_data", ctx, self.data_addr)
+        calls.call("opa_eval_ctx_set_entrypoint", ctx, ep)
+        calls.call("eval", ctx)
+        result = calls.call("opa_eval_ctx_get_result", ctx)
+        return calls.read_cstr(calls.call("opa_json_dump", result), limit)
+
+    def _grow(self, missing: int) -> None:
+        pages = -(-missing // PAGE)
+        try:
+            self.memory.grow(self.store, pages)
+        except wasmtime.WasmtimeError as exc:
+            raise PolicyEvalError(f"input needs {pages} more memory pages, over the policy memory limit "
+                                  f"({self.policy.settings.memory_limit_mb} MB)", code="memory") from exc
+
+
+class Policy:
+    """A loaded policy: compiled module, data, a pool of instances, health counters.
+
+    Swap it as a whole reference (see ``PolicyRegistry``); never mutate a Policy in service except
+    through :meth:`set_data`, which later evaluations pick up (in-flight ones finish on the old data).
+    """
+
+    def __init__(self, module: wasmtime.Module, *, data: dict[str, Any] | None, settings: PolicySettings,
+                 name: str, version: int, builtins: Builtins, manifest_entrypoints: tuple[str, ...] = (),
+                 wasm: WasmEngine | None = None, sha256: str = "") -> None:
+        self.name = name
+        self.version = version
+        self.settings = settings
+        self.sha256 = sha256
+        self.stats = PolicyStats()
+        self._wasm = wasm or shared_engine()
+        self._module = module
+        self._shape = _Shape(module)
+        self._generation = 0
+        self._data_blob = self._encode_data(data)
+        self._idle: list[_Instance] = []
+        self._lock = threading.Lock()
+        self._builtins = builtins
+        self._builtin_fns: dict[int, Any] = {}
+        self._ticks = self._wasm.ticks_for(settings.eval_deadline_ms / 1000.0)
+        first = self._new_instance(probe=True)
+        major, minor = first.abi()
+        if major != 1:
+            raise PolicyLoadError(f"policy uses OPA Wasm ABI {major}.{minor}; this agent supports 1.x only")
+        self._shape.major, self._shape.minor = major, minor
+        self.fast_path = minor >= 2 and "opa_eval" in first.funcs
+        missing = [n for n in _REQUIRED if n not in first.funcs]
+        if missing:
+            raise PolicyLoadError(f"policy lacks required exports {missing}; not an OPA Wasm policy")
+        try:
+            bmap = first.read_map("builtins")
+            emap = first.read_map("entrypoints")
+        except (_Abort, wasmtime.Trap, wasmtime.WasmtimeError, OutputTooLarge, ValueError) as exc:
+            raise PolicyLoadError(f"policy's builtins()/entrypoints() failed: {exc}") from exc
+        self._shape.builtin_names = {int(v): str(k) for k, v in bmap.items()}
+        lacking = sorted(n for n in bmap if n not in builtins)
+        if lacking:
+            raise PolicyLoadError(f"policy needs builtin(s) this agent does not provide: {', '.join(lacking)}; "
+                                  "rebuild the policy without them or upgrade the agent",
+                                  code="policy_builtin_missing")
+        self._builtin_fns = {int(v): builtins.get(str(k)) for k, v in bmap.items()}
+        self._shape.entrypoints = {str(k): int(v) for k, v in emap.items()}
+        unknown = [e for e in manifest_entrypoints if e not in self._shape.entrypoints]
+        if unknown:
+            raise PolicyLoadError(f"bundle manifest names entrypoint(s) {unknown} that policy.wasm does not "
+                                  f"export (it has {sorted(self._shape.entrypoints)})")
+        if manifest_entrypoints:
+            self.default_entrypoint = manifest_entrypoints[0]
+        else:
+            by_id = sorted(self._shape.entrypoints.items(), key=lambda kv: kv[1])
+            self.default_entrypoint = by_id[0][0] if by_id else ""
+        try:
+            first.load_data(self._data_blob)
+        except (_Abort, wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            raise PolicyLoadError(f"policy failed to load its data document: {exc}") from exc
+        self._idle.append(first)
+        log.info("policy_loaded", policy=name, version=version, abi=f"{major}.{minor}", fast_path=self.fast_path,
+                 entrypoints=len(self._shape.entrypoints), builtins=sorted(bmap))
+
+    # -- public ----------------------------------------------------------------------------------
+    @property
+    def entrypoints(self) -> dict[str, int]:
+        """Entrypoint path → id, as the module's ``entrypoints()`` gives them."""
+        return dict(self._shape.entrypoints)
+
+    @property
+    def abi_version(self) -> tuple[int, int]:
+        return (self._shape.major, self._shape.minor)
+
+    @property
+    def required_builtins(self) -> list[str]:
+        return sorted(self._shape.builtin_names.values())
+
+    def evaluate(self, input: Any = NO_INPUT, entrypoint: str | None = None) -> ResultSet:
+        """Evaluate one input; raise PolicyEvalError (the instance is then discarded)."""
+        return self.evaluate_raw(input, entrypoint)[0]
+
+    def evaluate_raw(self, input: Any = NO_INPUT, entrypoint: str | None = None) -> tuple[ResultSet, bytes]:
+        """Like :meth:`evaluate`, also returning the result-set JSON bytes exactly as the guest wrote them."""
+        start = time.perf_counter_ns()
+        stats = self.stats
+        ep_name = entrypoint or self.default_entrypoint  # None or "" = the default entrypoint
+        ep = self._shape.entrypoints.get(ep_name)
+        if ep is None:
+            self._count_error("unknown_entrypoint")
+            raise PolicyEvalError(f"policy {self.name} has no entrypoint {ep_name!r}; it has "
+                                  f"{sorted(self._shape.entrypoints)}", code="unknown_entrypoint")
+        try:
+            blob = None if input is NO_INPUT else _ENCODE(input).encode()
+        except (TypeError, ValueError) as exc:
+            self._count_error("bad_input")
+            raise PolicyEvalError(f"input is not JSON-serialisable: {exc}", code="bad_input") from exc
+        inst = self._acquire()
+        if self._builtin_fns:  # one time.now_ns per evaluation, fresh per-eval caches
+            inst.bctx = BuiltinContext(now_ns=time.time_ns())
+        limit = self.settings.max_output_bytes
+        try:
+            if self.fast_path:
+                text = inst.eval_fast(ep, blob or b"", self._ticks, limit)
+            else:
+                text = inst.eval_ctx(ep, blob, self._ticks, limit)
+            raw = _DECODE(text.decode())
+        except (KeyboardInterrupt, SystemExit):
+            self._discard(inst)
+            raise
+        except BaseException as exc:  # anything else: this instance's state is unknown
+            self._discard(inst)
+            raise self._classify(exc) from exc
+        self._release(inst)
+        if not isinstance(raw, list):
+            self._count_error("trap")
+            raise PolicyEvalError(f"policy {self.name} returned a non-list result set", code="trap")
+        stats.evals += 1
+        if not raw:
+            stats.undefined += 1
+        us = (time.perf_counter_ns() - start) // 1000
+        stats.latency_us[bisect_left(LATENCY_BUCKETS_US, us)] += 1
+        return ResultSet(raw), text
+
+    def set_data(self, data: dict[str, Any] | None) -> None:
+        """Replace the base data document; evaluations started after this see the new data."""
+        blob = self._encode_data(data)
+        with self._lock:
+            self._data_blob = blob
+            self._generation += 1
+
+    def close(self) -> None:
+        """Drop idle instances (in-flight ones are dropped when they come back)."""
+        with self._lock:
+            self._idle.clear()
+            self._generation += 1
+
+    # -- internals -------------------------------------------------------------------------------
+    @staticmethod
+    def _encode_data(data: dict[str, Any] | None) -> bytes:
+        if data is None:
+            return b"{}"
+        if not isinstance(data, dict):
+            raise PolicyLoadError("policy data must be a JSON object")
+        try:
+            return _ENCODE(data).encode()
+        except (TypeError, ValueError) as exc:
+            raise PolicyLoadError(f"policy data is not JSON-serialisable: {exc}") from exc
+
+    def _new_instance(self, probe: bool = False) -> _Instance:
+        if probe:
+            inst = _Instance(self)
+        else:
+            try:
+                inst = _Instance(self)
+            except PolicyLoadError as exc:
+                self._count_error("trap")
+                raise PolicyEvalError(f"policy {self.name}: cannot build a fresh instance: {exc}",
+                                      code="trap") from exc
+        self.stats.instances_created += 1
+        if not probe:
+            try:
+                inst.load_data(self._data_blob)
+            except (_Abort, wasmtime.Trap, wasmtime.WasmtimeError, PolicyLoadError) as exc:
+                self._count_error("trap")
+                raise PolicyEvalError(f"policy {self.name}: fresh instance failed to load data: {exc}",
+                                      code="trap") from exc
+        return inst
+
+    def _acquire(self) -> _Instance:
+        try:
+            inst = self._idle.pop()
+        except IndexError:
+            return self._new_instance()
+        if inst.generation != self._generation:
+            if self._shape.minor >= 3:  # 1.3: full data replace in place (stash clear + reset + reload)
+                try:
+                    inst.load_data(self._data_blob)
+                    return inst
+                except (_Abort, wasmtime.Trap, wasmtime.WasmtimeError):
+                    self.stats.instances_discarded += 1
+            return self._new_instance()
+        return inst
+
+    def _release(self, inst: _Instance) -> None:
+        if inst.generation == self._generation and len(self._idle) < self.settings.pool_size:
+            self._idle.append(inst)
+
+    def _discard(self, inst: _Instance) -> None:
+        inst.broken = True
+        self.stats.instances_discarded += 1
+
+    def _count_error(self, code: str) -> None:
+        self.stats.errors += 1
+        self.stats.errors_by_code[code] = self.stats.errors_by_code.get(code, 0) + 1
+
+    def _classify(self, exc: BaseException) -> PolicyEvalError:
+        code, msg = "trap", str(exc)
+        if isinstance(exc, PolicyEvalError):
+            code = exc.code
+        elif isinstance(exc, _Abort):
+            code = "memory" if "out of memory" in msg.lower() else "abort"
+            msg = f"policy aborted: {msg}"
+        elif isinstance(exc, BuiltinError):
+            code = "builtin_error"
+        elif isinstance(exc, OutputTooLarge):
+            code = "output_too_large"
+            msg = f"result is over the output limit ({self.settings.max_output_bytes} bytes): {msg}"
+        elif isinstance(exc, wasmtime.Trap):
+            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                code = "deadline"
+                msg = f"evaluation exceeded its deadline of {self.settings.eval_deadline_ms} ms"
+            elif "memory" in msg and "out of bounds" not in msg:
+                code = "memory"
+            if code != "deadline":  # wasmtime puts the cause ("wasm trap: …") on the last line
+                lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+                msg = f"policy trapped: {lines[-1] if lines else 'trap'}"
+        elif isinstance(exc, ValueError | UnicodeDecodeError):
+            msg = f"policy produced an unreadable result: {msg}"
+        self._count_error(code)
+        if code in ("trap", "memory", "abort"):
+            self.stats.traps += 1
+        if code == "deadline":
+            self.stats.deadline_hits += 1
+        log.warning("policy_eval_failed", policy=self.name, version=self.version, code=code, error=msg[:300])
+        return PolicyEvalError(f"policy {self.name} v{self.version}: {msg}", code=code)
+
+
+def compile_module(wasm: bytes, engine: WasmEngine) -> wasmtime.Module:
+    """Compile a policy (slow: ~100 ms; call via offload in the daemon)."""
+    if wasm[:4] != b"\0asm":
+        raise PolicyLoadError("policy is not a WebAssembly module (no \\0asm header) nor a .tar.gz bundle")
+    try:
+        return engine.compile(wasm)
+    except wasmtime.WasmtimeError as exc:
+        raise PolicyLoadError(f"policy.wasm does not compile: {str(exc).splitlines()[0]}") from exc
+
+
+def load_policy(source: bytes | Path, *, data: dict[str, Any] | None = None,
+                settings: PolicySettings | None = None, name: str = "policy", version: int = 0,
+                builtins: Builtins | None = None, module: wasmtime.Module | None = None,
+                engine: WasmEngine | None = None, code_cache: Any = None) -> Policy:
+    """Load a raw ``policy.wasm`` or an OPA bundle ``.tar.gz`` (bytes or path) into a :class:`Policy`.
+
+    ``data`` replaces the bundle's data when given. ``builtins`` defaults to
+    :func:`agent.policy.builtins.default_builtins`; pass a copy with agent-provided builtins
+    registered. ``module`` lets the caller pass precompiled code; ``code_cache`` (a
+    ``agent.storage.Store`` or reader connection) looks the artifact's sha256 up in
+    ``agent.runtime.codecache`` and compiles + caches on a miss. Otherwise the Wasm is compiled here
+    (slow — call through ``agent.offload.run_blocking`` in the daemon).
+    Raises :class:`PolicyLoadError` with a message naming what is wrong.
+    """
+    import hashlib
+
+    from agent.policy.builtins import default_builtins
+
+    settings = settings or PolicySettings()
+    wasm_engine = engine or shared_engine()
+    try:
+        blob = source.read_bytes() if isinstance(source, Path) else bytes(source)
+    except OSError as exc:
+        raise PolicyLoadError(f"cannot read policy {source!s}: {exc}") from exc
+    manifest_eps: tuple[str, ...] = ()
+    if is_bundle(blob):
+        try:
+            bundle = read_bundle(blob)
+        except BundleError as exc:
+            raise PolicyLoadError(str(exc)) from exc
+        wasm = bundle.wasm
+        manifest_eps = bundle.entrypoints
+        if data is None:
+            data = bundle.data
+    else:
+        wasm = blob
+    if module is None and code_cache is not None:
+        from agent.runtime import codecache
+        if wasm[:4] != b"\0asm":
+            raise PolicyLoadError("policy is not a WebAssembly module (no \\0asm header) nor a .tar.gz bundle")
+        try:
+            module = codecache.load_module(code_cache, wasm_engine, hashlib.sha256(blob).hexdigest(), lambda: wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise PolicyLoadError(f"policy.wasm does not compile: {str(exc).splitlines()[0]}") from exc
+    if module is None:
+        module = compile_module(wasm, wasm_engine)
+    return Policy(module, data=data, settings=settings, name=name, version=version,
+                  builtins=builtins if builtins is not None else default_builtins(),
+                  manifest_entrypoints=manifest_eps, wasm=wasm_engine,
+                  sha256=hashlib.sha256(wasm).hexdigest())

@@ -1,0 +1,68 @@
+"""Helpers for the module runtime tests: built example modules, a real Store, a runtime."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from agent.runtime.modules import ModuleRuntime
+from agent.runtime.settings import ModuleSettings
+from agent.storage import Store
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD = REPO / "examples" / "build"
+TEST_BUILD = BUILD / "test-modules"
+_built = False
+
+
+def build_modules() -> None:
+    """Run scripts/build-examples.sh once per test session (fast when up to date)."""
+    global _built
+    if not _built:
+        subprocess.run(["bash", str(REPO / "scripts" / "build-examples.sh")], check=True, cwd=REPO,
+                       capture_output=True, timeout=300)
+        _built = True
+
+
+def example(name: str) -> bytes:
+    build_modules()
+    return (BUILD / f"{name}.wasm").read_bytes()
+
+
+def test_module(name: str) -> bytes:
+    build_modules()
+    return (TEST_BUILD / f"{name}.wasm").read_bytes()
+
+
+test_module.__test__ = False  # type: ignore[attr-defined]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def settings(**kw: Any) -> ModuleSettings:
+    base: dict[str, Any] = {"run_deadline_ms": 300, "memory_limit_mb": 16, "stdout_limit_bytes": 64 * 1024}
+    base.update(kw)
+    return ModuleSettings(**base)
+
+
+def make_runtime(state_dir: Path, **kw: Any) -> tuple[Store, ModuleRuntime]:
+    store = Store.open(state_dir)
+    return store, ModuleRuntime(store, settings(**kw), state_dir=state_dir)
+
+
+async def load(rt: ModuleRuntime, name: str, wasm: bytes, predicate: dict[str, Any] | None = None,
+               version: int = 1) -> None:
+    await rt.load_release(name, version, sha(wasm), wasm, predicate or {"kind": "module", "name": name,
+                                                                        "version": version})
+
+
+def rows(store: Store, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    conn = store.reader()
+    try:
+        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+    finally:
+        conn.close()

@@ -1,0 +1,241 @@
+"""The control loop end to end with real parts: Mosquitto, SQLite, the C thermostat module built by
+scripts/build-examples.sh, and the gate policy (examples/policies/gate.c, OPA Wasm ABI) — plus the
+gate contract (allow / deny / modify) as pure functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from agent.config.model import LocalBrokerSettings
+from agent.control.contract import verdict
+from agent.control.pipeline import Pipeline
+from agent.control.settings import PipelineSettings
+from agent.messaging.bus import LocalBus
+from agent.messaging.ingest import Ingest
+from agent.policy.engine import load_policy
+from agent.policy.registry import PolicyRegistry
+from agent.runtime.modules import ModuleRuntime
+from agent.runtime.settings import ModuleSettings
+from agent.storage import Store
+from tests.modules.support import example
+from tests.support.broker import Broker
+from tests.support.localbus import persistent_broker
+
+REPO = Path(__file__).resolve().parents[1]
+THERMOSTAT_PREDICATE = {"trigger": {"type": "topic", "topics": ["factory/+/+/temp"], "batch_window_ms": 0},
+                        "config": {"metric": "temp", "high": 30.0, "low": 27.0, "actuator_prefix": "actuators"}}
+
+
+def gate_bundle() -> bytes:
+    """The demo gate policy bundle, built from C by scripts/build_gate_policy.py."""
+    spec = importlib.util.spec_from_file_location("build_gate_policy", REPO / "scripts" / "build_gate_policy.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    blob: bytes = mod.build_gate()
+    return blob
+
+
+@pytest.fixture(scope="module")
+def gate() -> bytes:
+    return gate_bundle()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store.open(tmp_path / "state")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+class Loop:
+    """The daemon's wiring of bus → ingest → modules → pipeline → bus, in process."""
+
+    def __init__(self, broker: Broker, store: Store, state_dir: Path, registry: PolicyRegistry | None,
+                 settings: PipelineSettings | None = None) -> None:
+        bs = LocalBrokerSettings(host=broker.host, port=broker.port, client_id="t-loop", reconnect_min_s=0.05)
+        self.store = store
+        self.bus = LocalBus(bs, "node")
+        self.ingest = Ingest(store, on_store_failure=self.bus.request_reconnect)
+        self.bus.subscribe("factory/#", self.ingest.handle, manual_ack=True)
+        self.runtime = ModuleRuntime(store, ModuleSettings(), state_dir=state_dir)
+        self.pipeline = Pipeline(store, settings or PipelineSettings(), "node", publisher=self.bus,
+                                 policies=registry)
+        self.ingest.add_listener(self.runtime.offer)
+        self.runtime.set_sink(self.pipeline.sink)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Loop:
+        wasm = example("thermostat")
+        await self.runtime.load_release("thermostat", 1, hashlib.sha256(wasm).hexdigest(), wasm,
+                                        THERMOSTAT_PREDICATE)
+        self.tasks = [asyncio.create_task(self.bus.run()), asyncio.create_task(self.ingest.run()),
+                      asyncio.create_task(self.pipeline.run())]
+        assert await self.bus.wait_connected(10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pipeline.idle()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.runtime.close()
+
+
+async def collect(broker: Broker, readings: list[tuple[str, bytes]], loop: Loop, expect_decisions: int,
+                  within: float = 20.0) -> list[tuple[str, Any]]:
+    got: list[tuple[str, Any]] = []
+    async with aiomqtt.Client(broker.host, broker.port, identifier="t-actuator") as sub:
+        await sub.subscribe("actuators/#", qos=1)
+        async with aiomqtt.Client(broker.host, broker.port, identifier="t-sensor") as pub:
+            for topic, payload in readings:
+                await pub.publish(topic, payload, qos=1)
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and sum(loop.pipeline.counts[k] for k in ("allow", "modify", "deny")) \
+                < expect_decisions:
+            await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(1.0):
+                async for m in sub.messages:
+                    got.append((str(m.topic), json.loads(bytes(m.payload))))  # type: ignore[arg-type,unused-ignore]
+        except TimeoutError:
+            pass
+    return got
+
+
+def rows(store: Store, sql: str) -> list[tuple[Any, ...]]:
+    conn = store.reader()
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_reading_to_module_to_policy_to_actuation_end_to_end(tmp_path: Path, store: Store, gate: bytes) -> None:
+    registry = PolicyRegistry()
+    registry.swap("gate", load_policy(gate, name="gate", version=1))
+
+    async def scenario(broker: Broker) -> list[tuple[str, Any]]:
+        async with Loop(broker, store, tmp_path / "state", registry) as loop:
+            # press1: too hot → fan on (allowed, sensor value masked); press2: locked out → denied;
+            # press3: 200 °C → fan on, and its temp property clamped to the policy's 150
+            return await collect(broker, [("factory/line1/press1/temp", b"35.5"),
+                                          ("factory/line1/press2/temp", b'{"value": 36}'),
+                                          ("factory/line1/press3/temp", b"200")], loop, expect_decisions=9)
+
+    with persistent_broker(tmp_path / "mq") as broker:
+        published = asyncio.run(scenario(broker))
+    assert sorted(published) == [
+        ("actuators/line1/press1/fan", {"device": "line1/press1", "fan": "on"}),
+        ("actuators/line1/press3/fan", {"device": "line1/press3", "fan": "on"}),
+    ]
+    decisions = rows(store, "SELECT subject, outcome, reason, policy_name, policy_version, input, result"
+                            " FROM decisions ORDER BY id")
+    by_subject = {d[0]: d for d in decisions}
+    denied = by_subject["actuators/line1/press2/fan"]
+    assert denied[1:5] == ("deny", "device is locked out for maintenance", "gate", 1)
+    assert json.loads(denied[5])["actuation"]["payload"] == {"fan": "on", "device": "line1/press2", "value": 36}
+    assert json.loads(denied[6]) == [{"result": {"allow": False, "reason": "device is locked out for maintenance"}}]
+    assert by_subject["actuators/line1/press1/fan"][1:3] == ("modify", "fan command")
+    assert by_subject["line1/press3/temp"][1] == "modify"
+    assert by_subject["line1/press1/temp"][1] == "allow"
+    props = {(d, n): (v, t) for d, n, v, t in rows(store, "SELECT device, name, value, type FROM properties")}
+    assert props[("line1/press3", "temp")] == ("150", "float")
+    assert props[("line1/press1", "temp")] == ("35.5", "float")
+    assert props[("line1/press2", "fan")] == ("on", "string")  # the module's belief; the actuation was denied
+    acts = rows(store, "SELECT topic, payload, state FROM actuations ORDER BY topic")
+    assert [(t, json.loads(p), s) for t, p, s in acts] == [
+        ("actuators/line1/press1/fan", {"fan": "on", "device": "line1/press1"}, "published"),
+        ("actuators/line1/press3/fan", {"fan": "on", "device": "line1/press3"}, "published")]
+    events = rows(store, "SELECT source, device, severity, name FROM events ORDER BY device")
+    assert ("thermostat", "line1/press2", "warning", "overheat") in events
+
+
+def test_an_unchanged_property_is_not_decided_again_but_a_new_policy_version_decides(
+        tmp_path: Path, store: Store, gate: bytes) -> None:
+    registry = PolicyRegistry()
+    registry.swap("gate", load_policy(gate, name="gate", version=1))
+
+    async def scenario(broker: Broker) -> None:
+        async with Loop(broker, store, tmp_path / "state", registry) as loop:
+            await collect(broker, [("factory/l/p/temp", b"35")], loop, expect_decisions=3)
+            # same reading again: the fan stays on, the properties do not change → no decisions
+            await collect(broker, [("factory/l/p/temp", b"35")], loop, expect_decisions=4, within=2)
+            assert loop.pipeline.counts["unchanged_properties"] == 2
+            registry.swap("gate", load_policy(gate, name="gate", version=2))
+            await collect(broker, [("factory/l/p/temp", b"35")], loop, expect_decisions=5)
+
+    with persistent_broker(tmp_path / "mq") as broker:
+        asyncio.run(scenario(broker))
+    got = rows(store, "SELECT subject, policy_version FROM decisions ORDER BY id")
+    assert got == [("actuators/l/p/fan", 1), ("l/p/fan", 1), ("l/p/temp", 1), ("l/p/fan", 2), ("l/p/temp", 2)]
+
+
+def test_without_a_gate_policy_every_actuation_is_denied_and_logged(tmp_path: Path, store: Store) -> None:
+    async def scenario(broker: Broker) -> list[tuple[str, Any]]:
+        async with Loop(broker, store, tmp_path / "state", PolicyRegistry()) as loop:
+            return await collect(broker, [("factory/l/p/temp", b"40")], loop, expect_decisions=3)
+
+    with persistent_broker(tmp_path / "mq") as broker:
+        assert asyncio.run(scenario(broker)) == []
+    outcomes = rows(store, "SELECT subject, outcome, policy_name, reason FROM decisions ORDER BY id")
+    assert {o[1] for o in outcomes} == {"deny"}
+    assert all(o[2] == "(none)" and "no gate policy installed" in o[3] for o in outcomes)
+    assert rows(store, "SELECT count(*) FROM properties") == [(0,)]
+
+
+def test_a_failing_policy_denies_with_the_reason(tmp_path: Path, store: Store, gate: bytes) -> None:
+    registry = PolicyRegistry()
+    registry.swap("gate", load_policy(gate, name="gate", version=3))
+    settings = PipelineSettings(policy_entrypoint="edge/missing")
+
+    async def scenario(broker: Broker) -> list[tuple[str, Any]]:
+        async with Loop(broker, store, tmp_path / "state", registry, settings) as loop:
+            return await collect(broker, [("factory/l/p/temp", b"40")], loop, expect_decisions=3)
+
+    with persistent_broker(tmp_path / "mq") as broker:
+        assert asyncio.run(scenario(broker)) == []
+    reasons = [r for (r,) in rows(store, "SELECT reason FROM decisions WHERE subject = 'actuators/l/p/fan'")]
+    assert len(reasons) == 1 and "unknown_entrypoint" in reasons[0] and "edge/missing" in reasons[0]
+
+
+@pytest.mark.parametrize(("result_set", "requested", "kind", "expected"), [
+    ([{"result": True}], {"a": 1}, "actuation", ("allow", {"a": 1})),
+    ([{"result": False}], {"a": 1}, "actuation", ("deny", None)),
+    ([], {"a": 1}, "actuation", ("deny", None)),
+    ([{"result": "yes"}], {"a": 1}, "actuation", ("deny", None)),
+    ([{"result": {"allow": True, "mask": ["secret", "x.y"]}}], {"a": 1, "secret": 2, "x": {"y": 3, "z": 4}},
+     "actuation", ("modify", {"a": 1, "x": {"z": 4}})),
+    ([{"result": {"allow": True, "clamp": {"speed": [0, 100]}}}], {"speed": 140}, "actuation",
+     ("modify", {"speed": 100})),
+    ([{"result": {"allow": True, "clamp": {"": [-40, 150]}}}], 21.5, "property", ("allow", 21.5)),
+    ([{"result": {"allow": True, "value": "masked"}}], "secret", "property", ("modify", "masked")),
+    ([{"result": {"allow": True, "payload": {"cmd": "stop"}}}], {"cmd": "go"}, "actuation",
+     ("modify", {"cmd": "stop"})),
+    ([{"result": {"allow": True, "clamp": {"speed": "fast"}}}], {"speed": 1}, "actuation", ("deny", None)),
+    ([{"result": {"allow": False, "reason": "night shift"}}], 1, "actuation", ("deny", None)),
+])
+def test_gate_verdicts(result_set: Any, requested: Any, kind: str, expected: tuple[str, Any]) -> None:
+    v = verdict(result_set, requested, kind)
+    assert (v.outcome, v.final) == expected
+    assert v.reason
+
+
+def test_gate_verdict_reasons_say_why() -> None:
+    assert "undefined" in verdict([], 1, "actuation").reason
+    assert verdict([{"result": {"allow": False, "reason": "night shift"}}], 1, "actuation").reason == "night shift"
+    assert "unexpected shape" in verdict([{"result": 3}], 1, "actuation").reason
+    assert "clamp bounds" in verdict([{"result": {"allow": True, "clamp": {"a": [1]}}}], {"a": 1}, "actuation").reason
