@@ -35,6 +35,7 @@ log = get_logger("local_bus")
 
 LINK_NAME = "local_broker"
 STABLE_SESSION_S = 10.0
+OFFLINE_WARN_EVERY_S = 600.0
 Handler = Callable[["BusMessage"], None]
 LinkListener = Callable[[str, str], Any]
 
@@ -100,6 +101,9 @@ class LocalBus:
         self._reconnect_reason: str | None = None
         self._wake = asyncio.Event()
         self.connects = 0
+        self._connects_seen = 0
+        self._failures = 0
+        self._last_warning = -1e9
         self.received = 0
         self.acked = 0
         self.published = 0
@@ -167,8 +171,16 @@ class LocalBus:
             self._reconnect_reason = None
             await self._link("down", detail)
             delay = next(delays)
-            log.warning("local_bus_disconnected", host=s.host, port=s.port, error=detail,
-                        retry_in_s=round(delay, 2))
+            self._failures = 0 if self.connects > self._connects_seen else self._failures + 1
+            self._connects_seen = self.connects
+            now_m = time.monotonic()
+            # offline for weeks is normal: warn on the drop and every few minutes, not on every retry
+            if self._failures == 0 or now_m - self._last_warning >= OFFLINE_WARN_EVERY_S:
+                self._last_warning = now_m
+                log.warning("local_bus_disconnected", host=s.host, port=s.port, error=detail,
+                            retry_in_s=round(delay, 2), failed_attempts=self._failures)
+            else:
+                log.debug("local_bus_retry", host=s.host, port=s.port, error=detail, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:

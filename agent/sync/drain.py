@@ -20,6 +20,7 @@ import contextlib
 import json
 import random
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,9 @@ class BatchReader:
         self.node_id = node_id
         self.now = now
         self._conn: Any = None
+        # read() runs on the offload pool; close() may come from the loop while a read is still
+        # running there (a cancelled await does not stop the thread): never let the two overlap
+        self._lock = threading.Lock()
         self._boots: dict[int, str] = {}
         self.cursor: dict[OutboxClass, int] = {}
 
@@ -93,11 +97,16 @@ class BatchReader:
         self.cursor = dict.fromkeys(OutboxClass, 0)
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     def read(self, max_batches: int) -> list[Batch]:
+        with self._lock:
+            return self._read(max_batches)
+
+    def _read(self, max_batches: int) -> list[Batch]:
         if self._conn is None:
             self._conn = connect_reader(self.path)
         conn = self._conn

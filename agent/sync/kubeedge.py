@@ -14,6 +14,7 @@ import contextlib
 import json
 import random
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ class TwinSync:
         self.in_sync = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._conn: sqlite3.Connection | None = None
+        self._conn_lock = threading.Lock()
         self._bucket = TokenBucket(settings.max_messages_s)
         self._resync_due = True
         self._membership_due = True
@@ -88,9 +90,11 @@ class TwinSync:
     # ------------------------------------------------------------ local state
 
     def _read_properties(self) -> list[tuple[str, str, str, str]]:
-        if self._conn is None:
-            self._conn = connect_reader(self.store.path)
-        rows = self._conn.execute("SELECT device, name, value, type FROM properties ORDER BY device, name").fetchall()
+        with self._conn_lock:  # runs on the offload pool; see _close_reader
+            if self._conn is None:
+                self._conn = connect_reader(self.store.path)
+            rows = self._conn.execute(
+                "SELECT device, name, value, type FROM properties ORDER BY device, name").fetchall()
         return [(str(d), str(n), str(v), str(t)) for d, n, v, t in rows]
 
     def _apply_properties(self, rows: list[tuple[str, str, str, str]]) -> None:
@@ -148,8 +152,14 @@ class TwinSync:
             self.connected = False
             with contextlib.suppress(Exception):  # the last word for `status` (the daemon is stopping)
                 await asyncio.wait_for(self._save_snapshot(), 2.0)
+            self._close_reader()
+
+    def _close_reader(self) -> None:
+        """Close the reader only when no offloaded read still uses it (cancellation does not stop threads)."""
+        with self._conn_lock:
             if self._conn is not None:
                 self._conn.close()
+                self._conn = None
 
     async def _session(self) -> None:
         async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=True,
