@@ -275,6 +275,9 @@ class SimHandler:
     async def current_version(self, kind: str, name: str) -> int:
         return self.floors.get((kind, name), 0)
 
+    async def running_version(self, kind: str, name: str) -> int | None:
+        return self.floors.get((kind, name))
+
     async def handle(self, delivery: Delivery) -> str:
         env = delivery.envelope
         v = await run_blocking(verify_release, env.artifact, env.bundle_json, self.trust, dict(self.floors),

@@ -139,6 +139,10 @@ async def test_bad_release_that_traps_rolls_back_by_itself(world: FleetWorld) ->
         assert active is not None and active.version == 1
         assert gw.releases.floor("policy", NAME) == 2  # the floor is not lowered
         assert load.failed and all(f.startswith("v2") for f in load.failed)
+        # reports name what runs (v1), not the floor (v2)
+        await mgr.publish(TOPICS.release(Scope("gw", "gw-c"), "policy", NAME), b"garbage")
+        bad = await mgr.wait_state("gw-c", None, "rejected", code="envelope_not_json")
+        assert bad["active_version"] == 1
         # the retained bad release comes back on every reconnect: it must not be re-installed
         n = len(mgr.history)
         await gw.stop()

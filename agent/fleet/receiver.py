@@ -47,6 +47,10 @@ class ReleaseHandler(Protocol):
         """The persisted version floor of kind/name (0 if none): anything <= it is old news."""
         ...
 
+    async def running_version(self, kind: str, name: str) -> int | None:
+        """The version running now (for reports; may be below the floor after a rollback)."""
+        ...
+
     async def handle(self, delivery: Delivery) -> str:
         """Verify, install and report one release; return the outcome ("active", "rejected", …).
         Never raises for a bad release."""
@@ -117,13 +121,13 @@ class ReleaseReceiver:
             await self.reporter.report(ReleaseStatus(
                 node_id=self.node_id, kind=where.kind, name=where.name, version=None, state="rejected",
                 scope=str(where.scope), code=exc.code, message=str(exc),
-                active_version=await self._floor(where.kind, where.name)))
+                active_version=await self._running(where.kind, where.name)))
             return
         self.offer(Delivery(env, where.scope))
 
-    async def _floor(self, kind: str, name: str) -> int | None:
+    async def _running(self, kind: str, name: str) -> int | None:
         try:
-            return await self.handler.current_version(kind, name) or None
+            return await self.handler.running_version(kind, name)
         except Exception:  # only used for the report
             return None
 

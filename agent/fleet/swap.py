@@ -170,6 +170,10 @@ class SwapOrchestrator:
     async def current_version(self, kind: str, name: str) -> int:
         return await run_blocking(self.releases.floor, kind, name) or 0
 
+    async def running_version(self, kind: str, name: str) -> int | None:
+        active = await run_blocking(self.releases.active, kind, name)
+        return active.version if active else None
+
     async def handle(self, delivery: Delivery) -> str:
         """Install one release; returns the outcome (active, rejected, rolled_back, ignored, …)."""
         env = delivery.envelope

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -46,6 +47,11 @@ class Broker:
             "autosave_interval 1",
             "max_queued_messages 1000000",
             "max_inflight_messages 100",
+            # as root, mosquitto drops to user 'mosquitto', which cannot write pytest's 0700 tmp dirs:
+            # persistence would silently do nothing and a restart would lose every session
+            *([f"user {pwd.getpwuid(os.geteuid()).pw_name}"] if os.geteuid() == 0 else []),
+            # small QoS 1 packets (PUBACKs) must not wait for Nagle's algorithm
+            "set_tcp_nodelay true",
             "log_type error",
             "log_type warning",
             f"log_dest file {self.log}",

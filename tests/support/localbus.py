@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import pwd
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +17,7 @@ from tests.support.broker import Broker, running_broker
 
 
 def persistence_conf(extra: str = "") -> str:
-    if os.geteuid() == 0:
-        return f"user {pwd.getpwuid(os.geteuid()).pw_name}\n" + extra
+    """The shared broker fixture now persists as root too (see tests/support/broker.py)."""
     return extra
 
 

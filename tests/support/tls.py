@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +93,6 @@ def fleet_broker_conf(port: int, pki: TestPKI, acl: Path = ACL_FILE,
     """Extra Mosquitto config: a mutual-TLS listener with the shipped ACL (as in mosquitto-fleet.conf)."""
     server = pki.server()
     return "\n".join([
-        # as root Mosquitto would switch to its own user and could not read the 0600 test key
-        f"user {pwd.getpwuid(os.geteuid()).pw_name}",
         f"listener {port} 127.0.0.1",
         f"cafile {pki.ca}",
         f"certfile {server.cert}",
