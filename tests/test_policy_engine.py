@@ -323,3 +323,44 @@ def test_fast_path_unavailable_falls_back_to_public_calls(monkeypatch: pytest.Mo
     assert p.evaluate_raw(doc)[1] == fast.evaluate_raw(doc)[1]
     with pytest.raises(PolicyEvalError, match="unreachable"):
         load(build("sandbox")).evaluate({}, "bad/trap")
+
+
+def _looping_policy_wat(loop_in: str) -> str:
+    """An ABI-shaped module whose start function or builtins() (read first at load) never returns."""
+    spin = "(loop $l (br $l))"
+    return f"""
+    (module
+      (import "env" "memory" (memory 2))
+      (import "env" "opa_abort" (func $abort (param i32)))
+      (export "memory" (memory 0))
+      (global (export "opa_wasm_abi_version") i32 (i32.const 1))
+      (global (export "opa_wasm_abi_minor_version") i32 (i32.const 3))
+      (func $start {spin if loop_in == "start" else ""})
+      (start $start)
+      (func (export "opa_malloc") (param i32) (result i32) (i32.const 1024))
+      (func (export "opa_json_parse") (param i32 i32) (result i32) (i32.const 0))
+      (func (export "opa_json_dump") (param i32) (result i32) (i32.const 0))
+      (func (export "opa_heap_ptr_get") (result i32) (i32.const 2048))
+      (func (export "opa_heap_ptr_set") (param i32))
+      (func (export "builtins") (result i32) {spin if loop_in == "builtins" else ""} (i32.const 0))
+      (func (export "entrypoints") (result i32) (i32.const 0))
+      (func (export "opa_eval_ctx_new") (result i32) (i32.const 0))
+      (func (export "opa_eval_ctx_set_input") (param i32 i32))
+      (func (export "opa_eval_ctx_set_data") (param i32 i32))
+      (func (export "opa_eval_ctx_set_entrypoint") (param i32 i32))
+      (func (export "opa_eval_ctx_get_result") (param i32) (result i32) (i32.const 0))
+      (func (export "eval") (param i32) (result i32) (i32.const 0))
+    )"""
+
+
+@pytest.mark.parametrize("loop_in", ["start", "builtins"])
+def test_a_policy_that_loops_while_loading_is_refused_not_hung(loop_in: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wasmtime
+
+    import agent.policy.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "SETUP_DEADLINE_S", 0.2)
+    wasm = wasmtime.wat2wasm(_looping_policy_wat(loop_in))
+    with pytest.raises(PolicyLoadError) as info:
+        load(bytes(wasm))
+    assert "interrupt" in str(info.value).lower() or "did not finish within 0.2 s" in str(info.value)

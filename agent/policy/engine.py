@@ -42,7 +42,7 @@ from agent.policy.calls import _MEM_DATA, _MEM_SIZE, _SET_DEADLINE, FastCalls, O
 from agent.policy.errors import BuiltinError, PolicyEvalError, PolicyLoadError
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext, Builtins
 from agent.policy.settings import PolicySettings
-from agent.runtime.engine import FAR_DEADLINE_TICKS, WasmEngine, shared_engine
+from agent.runtime.engine import WasmEngine, shared_engine
 
 __all__ = ["NO_INPUT", "Policy", "PolicyEvalError", "PolicyLoadError", "ResultSet", "load_policy"]
 
@@ -110,6 +110,10 @@ class PolicyStats:
                 "latency_buckets_us": list(LATENCY_BUCKETS_US), "latency_counts": list(self.latency_us)}
 
 
+# bound on guest code run while loading (start function, builtins()/entrypoints(), parsing data):
+# generous, since big data documents take a while to parse, but never unbounded
+SETUP_DEADLINE_S = 5.0
+
 _REQUIRED = ("opa_malloc", "opa_json_parse", "opa_json_dump", "opa_heap_ptr_get", "opa_heap_ptr_set",
              "builtins", "entrypoints", "opa_eval_ctx_new", "opa_eval_ctx_set_input", "opa_eval_ctx_set_data",
              "opa_eval_ctx_set_entrypoint", "opa_eval_ctx_get_result", "eval")
@@ -162,11 +166,18 @@ class _Instance:
         linker.define(self.store, "env", "memory", self.memory)
         self._define_imports(linker, shape.imports)
         self.calls: FastCalls | PublicCalls | None = None
+        # the start function is guest code too: a signed policy that loops there must not hang the agent
+        self.store.set_epoch_deadline(policy._wasm.ticks_for(SETUP_DEADLINE_S))
         try:
             inst = linker.instantiate(self.store, policy._module)
         except _Abort as exc:
             raise PolicyLoadError(f"policy aborted while starting: {exc}") from exc
-        except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+        except wasmtime.Trap as exc:
+            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+                raise PolicyLoadError(f"policy's start function did not finish within {SETUP_DEADLINE_S:g} s "
+                                      "(an endless loop?); the policy was not loaded") from exc
+            raise PolicyLoadError(f"policy failed to instantiate: {exc}") from exc
+        except wasmtime.WasmtimeError as exc:
             raise PolicyLoadError(f"policy failed to instantiate: {exc}") from exc
         exports = inst.exports(self.store)
         self.funcs: dict[str, wasmtime.Func] = {}
@@ -252,7 +263,7 @@ class _Instance:
 
     def read_map(self, export: str) -> dict[str, Any]:
         assert self.calls is not None
-        self.calls.set_deadline(FAR_DEADLINE_TICKS)
+        self.calls.set_deadline(self.policy._wasm.ticks_for(SETUP_DEADLINE_S))
         addr = self.calls.call(export)
         text = self.calls.read_cstr(self.calls.call("opa_json_dump", addr), 1 << 20)
         value = json.loads(text)
@@ -264,7 +275,7 @@ class _Instance:
         """Steps 8–11 of the brief: initial heap pointer, parse data, stash (1.3), snapshot."""
         calls = self.calls
         assert calls is not None
-        calls.set_deadline(FAR_DEADLINE_TICKS)
+        calls.set_deadline(self.policy._wasm.ticks_for(SETUP_DEADLINE_S))
         if not self.initial_heap_ptr:
             calls.call("opa_malloc", 0)
             self.initial_heap_ptr = calls.call("opa_heap_ptr_get")
