@@ -155,7 +155,14 @@ def test_reading_to_module_to_policy_to_actuation_end_to_end(tmp_path: Path, sto
     props = {(d, n): (v, t) for d, n, v, t in rows(store, "SELECT device, name, value, type FROM properties")}
     assert props[("line1/press3", "temp")] == ("150", "float")
     assert props[("line1/press1", "temp")] == ("35.5", "float")
-    assert props[("line1/press2", "fan")] == ("on", "string")  # the module's belief; the actuation was denied
+    # press2's fan command was denied, so its fan property (the module's belief) is denied too: nothing
+    # (status, KubeEdge twins) claims the fan is on; its temperature, an observation, is stored
+    assert ("line1/press2", "fan") not in props
+    assert props[("line1/press2", "temp")] == ("36", "float")
+    assert by_subject["line1/press2/fan"][1:3] == ("deny", "device is locked out for maintenance: actuated state "
+                                                           "not changed")
+    assert by_subject["line1/press2/temp"][1:3] == ("allow", "property update")
+    assert by_subject["line1/press1/fan"][1:3] == ("allow", "property update")
     acts = rows(store, "SELECT topic, payload, state FROM actuations ORDER BY topic")
     assert [(t, json.loads(p), s) for t, p, s in acts] == [
         ("actuators/line1/press1/fan", {"fan": "on", "device": "line1/press1"}, "published"),

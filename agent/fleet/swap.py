@@ -5,7 +5,8 @@ One release at a time per kind/name (the receiver guarantees it). For a policy:
 1. **verify + stage** through :class:`agent.trust.releases.ReleaseStore` — the very same checks as
    ``edge-agent install`` (signature, key scope, digest, floor, validity, content); a rejection is
    reported with the trust rule's code and changes nothing;
-2. **compile** off the event loop (``run_blocking``; wasmtime releases the GIL);
+2. **compile** off the event loop, once: staging compiles it (to refuse what this agent cannot load)
+   into the code cache, and the swap deserializes that (~1 ms) instead of compiling again;
 3. **shadow-evaluate** the new policy on the last N recorded decision inputs and count how many
    results differ from what was decided then (``{evaluated, changed, errors}``);
 4. **switch**: activate in SQLite (the floor rises), then one reference swap in the
@@ -39,12 +40,14 @@ from agent.fleet.reporter import ReleaseStatus, StatusReporter
 from agent.logs import get_logger
 from agent.offload import run_blocking
 from agent.policy.bundle import is_bundle, read_bundle
-from agent.policy.engine import LATENCY_BUCKETS_US, Policy, compile_module, load_policy
+from agent.policy.engine import LATENCY_BUCKETS_US, Policy, load_policy
 from agent.policy.errors import PolicyLoadError
 from agent.policy.registry import PolicyRegistry
 from agent.policy.settings import PolicySettings
+from agent.runtime import codecache
 from agent.runtime.engine import shared_engine
 from agent.runtime.modules import ModuleRuntime
+from agent.storage import Store
 from agent.storage.db import connect_reader
 from agent.trust.errors import ReleaseRejected
 from agent.trust.releases import Release, ReleaseStore, ReleaseStoreError
@@ -96,11 +99,13 @@ class SwapCounters:
     swap_ms: list[float] = field(default_factory=list)
 
 
-def _precompile(artifact: bytes) -> wasmtime.Module | None:
-    """Compile the policy's Wasm ahead (None if it is not compilable: the loader then reports why)."""
+def _compiled(store: Store, artifact: bytes, sha256: str) -> wasmtime.Module | None:
+    """The policy's compiled code: staging already compiled it into the code cache, so this is a
+    ~1 ms deserialize, not a second compile (None if unavailable: the loader then compiles and says why)."""
     try:
-        wasm = read_bundle(artifact).wasm if is_bundle(artifact) else artifact
-        return compile_module(bytes(wasm), shared_engine())
+        return codecache.load_module(
+            store, shared_engine(), sha256,
+            lambda: bytes(read_bundle(artifact).wasm if is_bundle(artifact) else artifact))
     except Exception:
         return None
 
@@ -191,40 +196,33 @@ class SwapOrchestrator:
             await self.reporter.report(status("active"))  # a redelivery of what runs: idempotent
             return "active"
         self.reporter.report_soon(status("received"))
-        # compiling overlaps verification: wasmtime compiles untrusted Wasm safely, and nothing compiled
-        # is instantiated or run before every trust check below has passed
-        precompiled = asyncio.create_task(run_blocking(_precompile, env.artifact)) if env.kind == "policy" else None
+        t_verify = time.perf_counter()
         try:
-            t_verify = time.perf_counter()
-            try:
-                rel = await self.releases.astage(env.artifact, env.bundle_json, source=f"fleet:{delivery.scope}")
-            except ReleaseRejected as exc:
-                self.counters.rejected += 1
-                await self.reporter.report(status("rejected", code=exc.code, message=str(exc)))
-                return "rejected"
-            if (rel.kind, rel.name, rel.version) != (env.kind, env.name, env.version):
-                await self._retire(rel)
-                self.counters.rejected += 1
-                await self.reporter.report(status(
-                    "rejected", code="envelope_mismatch",
-                    message=f"the envelope says {env.kind} {env.name} v{env.version} but the signed release is "
-                    f"{rel.kind} {rel.name} v{rel.version}"))
-                return "rejected"
-            if not rel.predicate.targets_node(self.node_id):
-                await self._retire(rel)
-                self.counters.rejected += 1
-                why = f"signed for {list(rel.predicate.targets)}, not this gateway"
-                await self.reporter.report(status("rejected", code="not_targeted", message=why))
-                return "rejected"
-            self.timings["verify_stage_ms"] = (time.perf_counter() - t_verify) * 1000
-            self.reporter.report_soon(status("verified"))
-            if rel.kind == "policy":
-                module = await precompiled if precompiled is not None else None
-                return await self._swap_policy(env.artifact, rel, status, started, module)
-            return await self._swap_module(env.artifact, rel, status, started)
-        finally:
-            if precompiled is not None and not precompiled.done():
-                precompiled.cancel()  # rejected early: the compile result is not needed
+            rel = await self.releases.astage(env.artifact, env.bundle_json, source=f"fleet:{delivery.scope}")
+        except ReleaseRejected as exc:
+            self.counters.rejected += 1
+            await self.reporter.report(status("rejected", code=exc.code, message=str(exc)))
+            return "rejected"
+        if (rel.kind, rel.name, rel.version) != (env.kind, env.name, env.version):
+            await self._retire(rel)
+            self.counters.rejected += 1
+            await self.reporter.report(status(
+                "rejected", code="envelope_mismatch",
+                message=f"the envelope says {env.kind} {env.name} v{env.version} but the signed release is "
+                f"{rel.kind} {rel.name} v{rel.version}"))
+            return "rejected"
+        if not rel.predicate.targets_node(self.node_id):
+            await self._retire(rel)
+            self.counters.rejected += 1
+            why = f"signed for {list(rel.predicate.targets)}, not this gateway"
+            await self.reporter.report(status("rejected", code="not_targeted", message=why))
+            return "rejected"
+        self.timings["verify_stage_ms"] = (time.perf_counter() - t_verify) * 1000
+        self.reporter.report_soon(status("verified"))
+        if rel.kind == "policy":
+            module = await run_blocking(_compiled, self.releases.store, env.artifact, rel.sha256)
+            return await self._swap_policy(env.artifact, rel, status, started, module)
+        return await self._swap_module(env.artifact, rel, status, started)
 
     # -- policies ---------------------------------------------------------------------------------
     def _default_loader(self, artifact: bytes, rel: Release, module: wasmtime.Module | None = None) -> Policy:

@@ -64,7 +64,16 @@ value *policy_eval(int ep, value *input, value *data) {
       return d;
     }
   } else if (is_str(kind, "property")) {
-    value *limit = obj_getv(limits, obj_get(obj_get(input, "property"), "name"));
+    value *prop = obj_get(input, "property");
+    value *actuated = obj_get(edge, "actuated");  /* object.get(data.edge, "actuated", ["fan"]) */
+    if (!actuated) {
+      actuated = mk_arr();
+      arr_push(actuated, mk_str("fan"));
+    }
+    /* locked_state: an actuated state of a locked-out device (its actuations are denied) */
+    if (member(lockout, obj_get(prop, "device")) && member(actuated, obj_get(prop, "name")))
+      return verdict(0, "device is locked out for maintenance: actuated state not changed");
+    value *limit = obj_getv(limits, obj_get(prop, "name"));
     value *d = verdict(1, "property update");
     if (limit) {
       value *clamp = mk_obj();

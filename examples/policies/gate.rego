@@ -24,13 +24,30 @@ decision := {"allow": true, "reason": "fan command", "mask": mask} if {
 	not input.actuation.payload.device in data.edge.lockout
 }
 
-# Property updates: allowed; values of properties listed in data.edge.limits are clamped.
+# Property updates of an actuated state (data.edge.actuated, by default the fan) for a locked-out device:
+# denied. Its actuations are denied, so such a property would claim a change that never happened in the
+# world (and KubeEdge twins mirror properties: no twin claims it either). Sensor properties stay allowed.
+actuated := object.get(data.edge, "actuated", ["fan"])
+
+locked_state if {
+	input.kind == "property"
+	input.property.device in data.edge.lockout
+	input.property.name in actuated
+}
+
+decision := {"allow": false, "reason": "device is locked out for maintenance: actuated state not changed"} if {
+	locked_state
+}
+
+# Other property updates: allowed; values of properties listed in data.edge.limits are clamped.
 decision := {"allow": true, "reason": "property update", "clamp": {"": data.edge.limits[input.property.name]}} if {
 	input.kind == "property"
+	not locked_state
 	data.edge.limits[input.property.name]
 }
 
 decision := {"allow": true, "reason": "property update"} if {
 	input.kind == "property"
+	not locked_state
 	not data.edge.limits[input.property.name]
 }
