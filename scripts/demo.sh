@@ -12,9 +12,10 @@
 # Later issues add steps without editing this file: drop a script into
 #   scripts/demo.d/pre/NN-name.sh   sourced in order BEFORE the daemon starts (e.g. install signed releases)
 #   scripts/demo.d/run/NN-name.sh   sourced in order WHILE the daemon runs (e.g. a simulated line)
+#   scripts/demo.d/post/NN-name.sh  sourced in order after the run time, BEFORE `status` (e.g. check the twins)
 # Hooks see: REPO, PY, AGENT (edge-agent command), CONFIG, STATE_DIR, DEMO_DIR, BROKER_HOST, BROKER_PORT,
 # AGENT_PID (run hooks), and may call: step "title", start_bg NAME CMD… (a background process stopped by
-# pid at exit; its pid is in BG_PIDS[NAME]), wait_port PORT.
+# pid at exit; its pid is in BG_PIDS[NAME]), stop_pid PID, wait_port PORT.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -132,6 +133,8 @@ while [ $SECONDS -lt $end ]; do
   kill -0 "$AGENT_PID" 2>/dev/null || { echo "demo: the daemon exited early" >&2; tail -n 30 "$DEMO_DIR/agent.log" >&2; exit 1; }
   sleep 1
 done
+
+run_hooks post
 
 # ---- 4. status -------------------------------------------------------------------------------------------
 step "edge-agent status (what a field technician sees)"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.storage import Store
 from tests.support.broker import Broker, running_broker
 
 
@@ -14,3 +15,13 @@ from tests.support.broker import Broker, running_broker
 def broker(tmp_path: Path) -> Iterator[Broker]:
     with running_broker(tmp_path / "mosquitto") as b:
         yield b
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A real state database (WAL, single writer) in the test's tmp dir."""
+    s = Store.open(tmp_path / "state")
+    try:
+        yield s
+    finally:
+        s.close()

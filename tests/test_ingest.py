@@ -10,11 +10,9 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiomqtt
-import pytest
 
 from agent.clock import Stamp, boot_id, now
 from agent.config.model import LocalBrokerSettings
@@ -31,13 +29,6 @@ from tests.support.localbus import persistent_broker, publish_counted
 DURABLE_BROKER = "autosave_on_changes true\n"
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def seqs_in(db: Path) -> list[int]:

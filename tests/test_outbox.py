@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,6 @@ from agent.sync.status import outbox_section
 WALL0 = 1_780_000_000.0  # a plausible wall time (2026)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def rows(store: Store, sql: str, *args: object) -> list[tuple[Any, ...]]:

@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +51,6 @@ def gate() -> bytes:
     return gate_bundle()
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 class Loop:

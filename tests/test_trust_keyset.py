@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,6 @@ from tests.support.releases import Signer, wasm_module
 WASM = wasm_module()
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def key_ids(store: Store) -> dict[str, str]:

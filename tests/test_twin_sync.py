@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -24,13 +23,6 @@ FAST = KubeEdgeSettings(enabled=True, node_name="demo-node", poll_interval_s=0.0
                         max_messages_s=1000, reconnect_max_s=0.5, resync_interval_s=3600)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store.open(tmp_path / "state")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def set_props(store: Store, device: str, values: dict[str, tuple[str, str]]) -> None:

@@ -11,7 +11,6 @@ hot swap and this loader never fight; a release that fails to load leaves the pr
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from agent.daemon.context import Context
 from agent.errors import AgentError
@@ -19,23 +18,11 @@ from agent.logs import get_logger
 from agent.offload import run_blocking
 from agent.policy.bundle import is_bundle, read_bundle
 from agent.policy.engine import Policy, load_policy
-from agent.policy.registry import PolicyRegistry
+from agent.policy.registry import shared_registry
 from agent.runtime import codecache
 from agent.runtime.engine import shared_engine
 
 log = get_logger("pipeline")
-
-
-def shared_registry(components: dict[str, Any]) -> PolicyRegistry:
-    """The registry in ``components["policies"]`` (published here if nobody did yet)."""
-    component = components.get("policies")
-    if isinstance(component, PolicyRegistry):
-        return component
-    registry = getattr(component, "registry", None)
-    if isinstance(registry, PolicyRegistry):
-        return registry
-    registry = components["policies"] = PolicyRegistry()
-    return registry
 
 
 class PolicyLoader:

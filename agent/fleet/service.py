@@ -22,7 +22,7 @@ from agent.fleet.swap import SwapOrchestrator
 from agent.fleet.topics import Topics
 from agent.logs import get_logger
 from agent.offload import run_blocking
-from agent.policy.registry import PolicyRegistry
+from agent.policy.registry import PolicyRegistry, shared_registry
 from agent.runtime.modules import ModuleRuntime
 from agent.storage.db import connect_reader
 from agent.trust.releases import ReleaseStore
@@ -62,20 +62,6 @@ def load_memory(db_path: Path) -> tuple[set[tuple[str, str, int, str]], list[tup
     finally:
         conn.close()
     return seen, statuses
-
-
-def _policy_registry(components: dict[str, Any]) -> PolicyRegistry:
-    """The registry the pipeline gate reads (``ctx.components["policies"]``); published if nobody did."""
-    component = components.get("policies")
-    if isinstance(component, PolicyRegistry):
-        return component
-    registry = getattr(component, "registry", None)
-    if isinstance(registry, PolicyRegistry):
-        return registry
-    if component is None:
-        registry = components["policies"] = PolicyRegistry()
-        return registry
-    raise TypeError(f"ctx.components['policies'] is a {type(component).__name__}, not a PolicyRegistry")
 
 
 class FleetAgent:
@@ -135,7 +121,7 @@ class FleetService:
             releases = ReleaseStore(ctx.store)
         runtime = ctx.components.get("modules")
         agent = FleetAgent(node_id=ctx.config.node_id, settings=ctx.config.fleet, releases=releases,
-                           policies=_policy_registry(ctx.components),
+                           policies=shared_registry(ctx.components),
                            modules=runtime if isinstance(runtime, ModuleRuntime) else None,
                            policy_settings=ctx.config.policy)
         ctx.components["fleet"] = agent
