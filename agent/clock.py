@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
@@ -96,3 +97,10 @@ def best_wall(record: Stamp, now: Stamp) -> float | None:
     if record.boot_id == now.boot_id and wall_plausible(now.wall):
         return now.wall - (now.mono - record.mono)
     return record.wall if wall_plausible(record.wall) else None
+
+
+def iso(ts: float | None) -> str | None:
+    """RFC 3339 UTC with a ``Z`` (what ``status`` and reports show); None stays None."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -13,17 +13,17 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from agent import __version__
+from agent.clock import iso
 from agent.config import AgentConfig
 from agent.control.status import pipeline_section
 from agent.daemon.lock import daemon_holds_lock, lock_pid
 from agent.errors import StorageError
 from agent.fleet.status import fleet_section
 from agent.runtime.status import modules_section
-from agent.storage.db import connect_reader
+from agent.storage.db import connect_reader, table_exists
 from agent.storage.migrations import applied_versions
 from agent.sync.status import kubeedge_section, outbox_section
 from agent.trust.status import releases_section
@@ -38,16 +38,6 @@ class Report:
 
 
 Section = Callable[[sqlite3.Connection, AgentConfig, Report], None]
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
 
 
 def daemon_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:
@@ -102,7 +92,7 @@ def storage_section(conn: sqlite3.Connection, config: AgentConfig, report: Repor
 
 
 def applied_versions_ro(conn: sqlite3.Connection) -> dict[str, int]:
-    if not _table_exists(conn, "schema_migrations"):
+    if not table_exists(conn, "schema_migrations"):
         return {}
     return applied_versions(conn)
 

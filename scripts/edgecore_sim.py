@@ -25,6 +25,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def held(peer: EdgeCorePeer) -> dict[str, dict[str, str]]:
     return {dev: {k: v for k, v in sorted(peer.values(dev).items()) if v is not None} for dev in sorted(peer.bound)}
 
 
-def table(rows: list[tuple[str, ...]], head: tuple[str, ...]) -> str:
+def table(rows: Sequence[tuple[str, ...]], head: tuple[str, ...]) -> str:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
     lines.insert(1, "  " + "  ".join("-" * w for w in widths))
@@ -180,7 +181,7 @@ def compare(args: argparse.Namespace) -> int:
         holds: dict[str, dict[str, str]] = state.get("twins", {})
         bound = set(state.get("bound", []))
         mine = {dev: tw for dev, tw in expected.items() if dev in bound}
-        equal = bool(mine) and all(holds.get(dev) == tw for dev, tw in mine.items())
+        equal = bool(state) and all(holds.get(dev, {}) == mine.get(dev, {}) for dev in bound)
         if equal or time.monotonic() >= deadline:
             break
         time.sleep(0.5)

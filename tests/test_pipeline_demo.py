@@ -1,8 +1,11 @@
-"""The demo's pipeline steps (scripts/demo.d/*/50-*.sh): signed releases installed, the simulated line
-publishing, actuations flowing, denials logged, and `status` showing it — on a free port, temp dirs."""
+"""The demo's steps (scripts/demo.d/*/*.sh): signed releases installed, the simulated line publishing,
+actuations flowing, denials logged (a locked-out press's fan command AND its fan property), the twins
+synced to the simulated EdgeCore (equal to the agent's latest properties; press-3 reported as not bound
+to demo-node), and `status` showing it — on a free port, temp dirs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -37,9 +40,32 @@ def test_demo_shows_readings_actuations_and_denials(tmp_path: Path) -> None:
         published = conn.execute("SELECT count(*) FROM actuations WHERE state = 'published'").fetchone()[0]
         denied = conn.execute("SELECT DISTINCT subject, reason FROM decisions WHERE outcome = 'deny'").fetchall()
         rejects = conn.execute("SELECT count(*) FROM rejects").fetchone()[0]
+        props = {(d, n): v for d, n, v in conn.execute("SELECT device, name, value FROM properties")}
     finally:
         conn.close()
     assert published >= 1 and outcomes.get("modify", 0) >= 1, outcomes
-    assert denied == [("actuators/line1/press2/fan", "device is locked out for maintenance")], denied
+    # press2 is locked out: its fan command is denied, and so is the fan property that would claim it is on
+    assert sorted(denied) == [("actuators/line1/press2/fan", "device is locked out for maintenance"),
+                              ("line1/press2/fan", "device is locked out for maintenance: actuated state not changed")
+                              ], denied
+    assert ("line1/press2", "fan") not in props and ("line1/press2", "temp") in props, props
     assert rejects >= 1
     assert "Last denials" in out
+
+    # KubeEdge: the simulated EdgeCore holds exactly the agent's latest properties of the bound devices
+    # (the line was stopped before the check, so they no longer change), nothing of press-3, and no
+    # message of the agent broke one of EdgeCore's rules
+    assert "EdgeCore's twins == the agent's latest properties (2 bound devices" in out, out[-6000:]
+    held = json.loads((tmp_path / "demo" / "edgecore-twins.json").read_text())
+    mapped = {"temp": "temperature", "fan": "fan"}
+    expected: dict[str, dict[str, str]] = {}
+    for (device, name), value in props.items():
+        dev_id = "default/press-" + device.removeprefix("line1/press")
+        if dev_id != "default/press-3":
+            expected.setdefault(dev_id, {})[mapped[name]] = value
+    assert held["twins"] == expected and set(expected) == {"default/press-1", "default/press-2"}, held
+    assert "fan" not in held["twins"]["default/press-2"]
+    assert held["violations"] == [] and held["unbound"] == {"default/press-3": "other-node"}, held
+    assert "KubeEdge device default/press-3 is not bound to node demo-node" in out
+    assert re.search(r"default/press-1\s+True\s+synced", out) and re.search(r"default/press-3\s+False\s+unbound", out)
+    assert "twin state EdgeCore (node demo-node) holds" in out

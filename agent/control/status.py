@@ -5,16 +5,12 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from agent.clock import iso
 from agent.config import AgentConfig
 
 LAST_READINGS = 10
 LAST_DENIALS = 5
 MAX_PROPERTIES = 50
-
-
-def _iso(ts: float | None) -> str | None:
-    from agent.status import iso
-    return iso(ts)
 
 
 def _exists(conn: sqlite3.Connection, table: str) -> bool:
@@ -31,8 +27,8 @@ def pipeline_section(conn: sqlite3.Connection, config: AgentConfig, report: Any)
     states = dict(conn.execute("SELECT state, count(*) FROM actuations GROUP BY state").fetchall())
     n_events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     report.data["pipeline"] = {
-        "readings": n_readings, "last_reading_at": _iso(last_at),
-        "rejected_messages": n_rejects, "last_reject_at": _iso(last_reject),
+        "readings": n_readings, "last_reading_at": iso(last_at),
+        "rejected_messages": n_rejects, "last_reject_at": iso(last_reject),
         "decisions": {k: outcomes.get(k, 0) for k in ("allow", "modify", "deny")},
         "actuations_published": states.get("published", 0), "actuations_failed": states.get("failed", 0),
         "events": n_events,
@@ -45,16 +41,16 @@ def pipeline_section(conn: sqlite3.Connection, config: AgentConfig, report: Any)
         "published": p["actuations_published"], "failed": p["actuations_failed"], "events": n_events,
         "last_reading_at": p["last_reading_at"]}]
     report.data["readings_last"] = [
-        {"device": d, "metric": m, "value": v if v is not None else (p or "")[:40], "at": _iso(w)}
+        {"device": d, "metric": m, "value": v if v is not None else (p or "")[:40], "at": iso(w)}
         for d, m, v, p, w in conn.execute(
             "SELECT device, metric, value, payload, wall FROM readings ORDER BY id DESC LIMIT ?", (LAST_READINGS,))]
     report.data["denials_last"] = [
-        {"at": _iso(w), "subject": s, "policy": f"{pn} v{pv}", "reason": r[:100]}
+        {"at": iso(w), "subject": s, "policy": f"{pn} v{pv}", "reason": r[:100]}
         for w, s, pn, pv, r in conn.execute(
             "SELECT wall, subject, policy_name, policy_version, reason FROM decisions WHERE outcome = 'deny'"
             " ORDER BY id DESC LIMIT ?", (LAST_DENIALS,))]
     report.data["properties"] = [
-        {"device": d, "name": n, "value": v[:60], "type": t, "source": s, "updated_at": _iso(w)}
+        {"device": d, "name": n, "value": v[:60], "type": t, "source": s, "updated_at": iso(w)}
         for d, n, v, t, s, w in conn.execute(
             "SELECT device, name, value, type, source, wall FROM properties ORDER BY device, name LIMIT ?",
             (MAX_PROPERTIES,))]

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
+
+from agent.clock import iso
 
 if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
     from agent.config import AgentConfig
     from agent.status import Report
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def fleet_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+from agent.clock import iso
 
 if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
     from agent.config import AgentConfig
     from agent.status import Report
 
 WINDOW_S = 86400.0
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def modules_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:

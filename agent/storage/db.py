@@ -110,3 +110,8 @@ def open_checked(path: Path) -> DatabaseCorrupt | None:
     return DatabaseCorrupt(
         f"{path}: the database failed its integrity check ({problem}); it was moved to {dest} "
         "and a fresh database was created. Keep the moved file for analysis.")
+
+
+def table_exists(conn: sqlite3.Connection, name: str) -> bool:
+    """Readers of an older or half-migrated database must not trip over a missing table."""
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None

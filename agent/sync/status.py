@@ -8,25 +8,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from agent import clock
+from agent.clock import iso
+from agent.storage.db import table_exists
 from agent.sync.outbox import OutboxClass
 
 if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
     from agent.config import AgentConfig
     from agent.status import Report
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _has(conn: sqlite3.Connection, table: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
 
 
 def forecast(conn: sqlite3.Connection, budget: int, held: int) -> dict[str, Any]:
@@ -50,7 +41,7 @@ def forecast(conn: sqlite3.Connection, budget: int, held: int) -> dict[str, Any]
 
 
 def outbox_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:
-    if not _has(conn, "outbox_classes"):
+    if not table_exists(conn, "outbox_classes"):
         return
     settings = config.outbox
     budget = settings.disk_budget_bytes
@@ -76,7 +67,7 @@ def outbox_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
                         "sent": int(sent), "expired": int(expired), "dropped": int(dropped),
                         "thinned": int(thinned), "duplicates": int(dups)})
     fc = forecast(conn, budget, held)
-    link = conn.execute("SELECT state, detail FROM links WHERE name = 'uplink'").fetchone() if _has(
+    link = conn.execute("SELECT state, detail FROM links WHERE name = 'uplink'").fetchone() if table_exists(
         conn, "links") else None
     report.data["outbox"] = {
         "budget_bytes": budget, "held_bytes": held, "used_pct": round(100.0 * held / budget, 1),
@@ -100,7 +91,7 @@ def outbox_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
 
 
 def kubeedge_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:
-    if not _has(conn, "kv"):
+    if not table_exists(conn, "kv"):
         return
     row = conn.execute("SELECT value, updated_at FROM kv WHERE key = 'kubeedge.twins'").fetchone()
     if row is None:

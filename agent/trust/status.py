@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from agent.clock import iso
+from agent.storage.db import table_exists
 from agent.trust.catalog import SEEN_GENERATION_KEY, generation, list_releases
 
 if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
@@ -13,18 +14,8 @@ if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
     from agent.status import Report
 
 
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _has(conn: sqlite3.Connection, table: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
-
-
 def releases_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:
-    if not _has(conn, "releases"):
+    if not table_exists(conn, "releases"):
         return
     report.data["releases"] = [
         {"kind": r.kind, "name": r.name, "version": r.version, "state": r.state, "sha256": r.sha256,
