@@ -3,7 +3,7 @@
 # then `edge-agent status`. Everything lives under var/demo/; every process started here is stopped by
 # its pid at the end, whatever happens.
 #
-#   bash scripts/demo.sh                  # ~20 s
+#   bash scripts/demo.sh                  # ~30 s (the daemon runs 20 s)
 #   DEMO_SECONDS=60 bash scripts/demo.sh  # longer
 #   DEMO_SKIP_SETUP=1 bash scripts/demo.sh  # reuse .venv as it is
 #   DEMO_FRESH=0 bash scripts/demo.sh     # keep var/demo/state from the last run (default: start clean)
@@ -113,7 +113,8 @@ AGENT_PID=$!
 ready=0
 for _ in $(seq 1 300); do
   if ! kill -0 "$AGENT_PID" 2>/dev/null; then break; fi
-  if "${AGENT[@]}" status --config "$CONFIG" --json 2>/dev/null | grep -q '"state": "running"'; then
+  # `status` exits 1 when it lists problems (pipefail): only its output counts here
+  if { "${AGENT[@]}" status --config "$CONFIG" --json 2>/dev/null || true; } | grep -q '"state": "running"'; then
     ready=1; break
   fi
   sleep 0.2
@@ -140,7 +141,7 @@ run_hooks post
 step "edge-agent status (what a field technician sees)"
 "${AGENT[@]}" status --config "$CONFIG" || true
 step "edge-agent status --json (edge-agent.status/v1)"
-"${AGENT[@]}" status --config "$CONFIG" --json | head -n 40 || true
+"${AGENT[@]}" status --config "$CONFIG" --json | sed -n 1,40p || true
 
 # ---- 5. stop --------------------------------------------------------------------------------------------
 step "stopping the daemon (SIGTERM, pid $AGENT_PID)"

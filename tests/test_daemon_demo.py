@@ -19,6 +19,7 @@ def test_demo_runs_the_daemon_shows_status_and_stops_everything(tmp_path: Path) 
     demo = (REPO / "configs" / "demo.toml").read_text()
     config = tmp_path / "demo.toml"
     config.write_text(demo.replace("port = 1883", f"port = {port}")
+                      .replace("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{port}")
                       .replace('state_dir = "../var/demo/state"', f'state_dir = "{tmp_path / "state"}"'))
     env = {**os.environ, "DEMO_CONFIG": str(config), "DEMO_DIR": str(tmp_path / "demo"), "DEMO_SECONDS": "1",
            "DEMO_SKIP_SETUP": "1"}

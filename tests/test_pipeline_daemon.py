@@ -102,11 +102,18 @@ decision_policy = "gate"
             assert published == [("actuators/line1/press1/fan", {"fan": "on", "device": "line1/press1"})], \
                 agent.output()[-4000:]
     denied = query(db, "SELECT subject, reason, policy_name, policy_version FROM decisions WHERE outcome = 'deny'")
-    assert denied == [("actuators/line1/press2/fan", "device is locked out for maintenance", "gate", 1)]
+    # press2's fan command is denied, and so is its fan property (the gate keeps the module's belief out)
+    assert sorted(denied) == [("actuators/line1/press2/fan", "device is locked out for maintenance", "gate", 1),
+                              ("line1/press2/fan", "device is locked out for maintenance: actuated state not changed",
+                               "gate", 1)]
     pipeline: Any = report["pipeline"]
     assert pipeline["readings"] == 4 and pipeline["rejected_messages"] == 1
-    assert pipeline["decisions"]["deny"] == 1 and pipeline["actuations_published"] == 1
+    assert pipeline["decisions"]["deny"] == 2 and pipeline["actuations_published"] == 1
     assert {"device": "line1/press1", "name": "fan", "value": "on"}.items() <= report["properties"][0].items()  # type: ignore[index]
-    assert report["denials_last"][0]["reason"] == "device is locked out for maintenance"  # type: ignore[index]
+    denials_last: Any = report["denials_last"]
+    props_now: Any = report["properties"]
+    assert {d["reason"] for d in denials_last} == {
+        "device is locked out for maintenance", "device is locked out for maintenance: actuated state not changed"}
+    assert not any(p["device"] == "line1/press2" and p["name"] == "fan" for p in props_now)
     assert "Last denials" in text and "Control loop" in text and "line1/press2" in text
     assert code in (0, 1)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.sync.twins import normalise
 from tests.support.broker import free_port
 from tests.support.procs import REPO
 
@@ -24,6 +25,7 @@ def test_demo_shows_readings_actuations_and_denials(tmp_path: Path) -> None:
     config = tmp_path / "demo.toml"
     config.write_text((REPO / "configs" / "demo.toml").read_text()
                       .replace("port = 1883", f"port = {port}")
+                      .replace("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{port}")
                       .replace('state_dir = "../var/demo/state"', f'state_dir = "{tmp_path / "state"}"'))
     env = {**os.environ, "DEMO_CONFIG": str(config), "DEMO_DIR": str(tmp_path / "demo"), "DEMO_SECONDS": "14",
            "DEMO_SKIP_SETUP": "1"}
@@ -38,7 +40,12 @@ def test_demo_shows_readings_actuations_and_denials(tmp_path: Path) -> None:
     try:
         outcomes = dict(conn.execute("SELECT outcome, count(*) FROM decisions GROUP BY outcome").fetchall())
         published = conn.execute("SELECT count(*) FROM actuations WHERE state = 'published'").fetchone()[0]
-        denied = conn.execute("SELECT DISTINCT subject, reason FROM decisions WHERE outcome = 'deny'").fetchall()
+        denied = conn.execute("SELECT DISTINCT subject, reason FROM decisions WHERE outcome = 'deny'"
+                              " AND policy_version = 1").fetchall()
+        denied_v2 = conn.execute("SELECT DISTINCT subject FROM decisions WHERE outcome = 'deny'"
+                                 " AND policy_version = 2").fetchall()
+        gate = conn.execute("SELECT version FROM releases WHERE kind = 'policy' AND name = 'gate'"
+                            " AND state = 'active'").fetchall()
         rejects = conn.execute("SELECT count(*) FROM rejects").fetchone()[0]
         props = {(d, n): v for d, n, v in conn.execute("SELECT device, name, value FROM properties")}
     finally:
@@ -52,6 +59,14 @@ def test_demo_shows_readings_actuations_and_denials(tmp_path: Path) -> None:
     assert rejects >= 1
     assert "Last denials" in out
 
+    # fleet: gate v2 (press3 locked out too) pushed over the local broker, verified, shadow-evaluated,
+    # swapped in while the line ran, reported active to `edge-fleet rollout`; status shows it
+    assert "published policy gate v2" in out and "active: 1  rejected: 0" in out, out[-6000:]
+    assert re.search(r"policy\s+gate\s+2\s+active\s+2\s+\d+/\d+ changed", out), out[-6000:]
+    assert gate == [(2,)], gate
+    assert set(denied_v2) <= {("actuators/line1/press2/fan",), ("line1/press2/fan",),
+                              ("actuators/line1/press3/fan",), ("line1/press3/fan",)}, denied_v2
+
     # KubeEdge: the simulated EdgeCore holds exactly the agent's latest properties of the bound devices
     # (the line was stopped before the check, so they no longer change), nothing of press-3, and no
     # message of the agent broke one of EdgeCore's rules
@@ -62,7 +77,7 @@ def test_demo_shows_readings_actuations_and_denials(tmp_path: Path) -> None:
     for (device, name), value in props.items():
         dev_id = "default/press-" + device.removeprefix("line1/press")
         if dev_id != "default/press-3":
-            expected.setdefault(dev_id, {})[mapped[name]] = value
+            expected.setdefault(dev_id, {})[mapped[name]] = normalise(value, "float" if name == "temp" else "string")
     assert held["twins"] == expected and set(expected) == {"default/press-1", "default/press-2"}, held
     assert "fan" not in held["twins"]["default/press-2"]
     assert held["violations"] == [] and held["unbound"] == {"default/press-3": "other-node"}, held

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig, load_config
 from agent.errors import AgentError, ConfigError
+from agent.logs import configure
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -36,6 +37,9 @@ def run_cli(prog: str, description: str, registrars: Sequence[Registrar], argv: 
         register(sub)
     args = parser.parse_args(argv)
     handler: Handler = args.func
+    # one-shot commands print their own results; their logs (stderr) carry only warnings and errors.
+    # `run` reconfigures from its config file.
+    configure(level="warning")
     try:
         return handler(args)
     except ConfigError as exc:

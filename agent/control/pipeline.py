@@ -18,7 +18,6 @@ This is ``ctx.components["pipeline"]`` and the module runtime's output sink. For
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,7 +38,6 @@ log = get_logger("pipeline")
 
 NO_POLICY = "(none)"
 OUTPUT_QUEUE = 256
-STAGED_MAX = 8  # outputs decided and awaiting their commit
 LAST_PROPS_MAX = 100_000
 
 
@@ -72,13 +70,7 @@ class Decided:
     policy_version: int
     item: Any
     decision_id: int = 0
-
-
-@dataclass
-class _Staged:
-    decided: list[Decided]
-    committed: asyncio.Future[None]
-    source: str
+    result_json: str | None = None  # the policy's own JSON text of ``result``, when it gave one
 
 
 @dataclass
@@ -159,15 +151,22 @@ class Pipeline:
                         f"no gate policy installed: {'allowed' if allowed else 'denied'} by [pipeline].no_policy",
                         requested if allowed else None)
             return Decided(kind, subject, inp, None, v, NO_POLICY, 0, item)
+        text: bytes | None = None
         try:
-            rs = policy.evaluate(inp, self.settings.policy_entrypoint)
+            evaluate_raw = getattr(policy, "evaluate_raw", None)
+            if evaluate_raw is not None:
+                # the result set exactly as the policy wrote it: stored as is, not re-encoded per decision
+                rs, text = evaluate_raw(inp, self.settings.policy_entrypoint)
+            else:
+                rs = policy.evaluate(inp, self.settings.policy_entrypoint)
             raw = getattr(rs, "raw", rs)
         except AgentError as exc:
             log.error("gate_policy_failed", policy=policy.name, version=policy.version, error=str(exc),
                       code=exc.code, subject=subject)
             v = Verdict("deny", f"policy evaluation failed ({exc.code}): {exc}"[:500], None)
             return Decided(kind, subject, inp, {"error": str(exc)[:500]}, v, policy.name, policy.version, item)
-        return Decided(kind, subject, inp, raw, verdict(raw, requested, kind), policy.name, policy.version, item)
+        return Decided(kind, subject, inp, raw, verdict(raw, requested, kind), policy.name, policy.version, item,
+                       result_json=text.decode("utf-8", errors="replace") if text else None)
 
     name = "pipeline"
 
@@ -183,42 +182,19 @@ class Pipeline:
             await self.handle(output)
 
     async def run(self) -> None:
-        """Service ``pipeline``: handle queued module outputs in order, two stages deep.
-
-        Stage 1 (this task) decides an output and submits its persist job; stage 2 (``_finish_loop``)
-        awaits that commit and only then publishes. So output N+1 is decided while N's decisions are
-        being committed, and nothing is ever published before its decisions are stored.
-        """
+        """Service ``pipeline``: handle queued module outputs one at a time, in order."""
         self._worker = True
-        staged: asyncio.Queue[tuple[ModuleOutput, _Staged | None]] = asyncio.Queue(maxsize=STAGED_MAX)
-        finisher = asyncio.create_task(self._finish_loop(staged), name="pipeline-publish")
         try:
             while True:
                 output = await self._queue.get()
                 try:
-                    st: _Staged | None = self._stage(output)
-                except AgentError as exc:  # writer stopped: logged; the module's next run decides again
+                    await self.handle(output)
+                except AgentError as exc:  # storage trouble: logged; the module's next run decides again
                     log.error("pipeline_output_failed", module=output.name, error=str(exc), code=exc.code)
-                    st = None
-                await staged.put((output, st))
-                if finisher.done():
-                    finisher.result()
+                finally:
+                    self._queue.task_done()
         finally:
             self._worker = False
-            finisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await finisher
-
-    async def _finish_loop(self, staged: asyncio.Queue[tuple[ModuleOutput, _Staged | None]]) -> None:
-        while True:
-            output, st = await staged.get()
-            try:
-                if st is not None:
-                    await self._finish(st)
-            except AgentError as exc:  # storage trouble: logged; the module's next run decides again
-                log.error("pipeline_output_failed", module=output.name, error=str(exc), code=exc.code)
-            finally:
-                self._queue.task_done()
 
     async def idle(self) -> None:
         """Wait until queued outputs are handled and deliveries recorded (tests, benchmarks)."""
@@ -236,10 +212,6 @@ class Pipeline:
 
     async def handle(self, output: ModuleOutput) -> Handled:
         """The module runtime's sink: gate, persist, publish. ``output`` is a ``ModuleOutput``."""
-        return await self._finish(self._stage(output))
-
-    def _stage(self, output: ModuleOutput) -> _Staged:
-        """Gate every actuation/property of ``output`` and submit ONE persist job (not awaited)."""
         stamp = now()
         source = (str(output.name), int(output.version))
         decided: list[Decided] = []
@@ -260,18 +232,7 @@ class Pipeline:
             decided.append(self.decide("property", f"{prop.device}/{prop.name}", doc, requested=prop.value,
                                        item=prop, stamp=stamp, source=source))
         try:
-            committed = asyncio.wrap_future(
-                self.store.writer.submit(self._persist_job(decided, output, stamp, source[0])))
-        except BaseException:
-            self._last_props.clear()  # nothing of this output was stored: decide again next time
-            raise
-        return _Staged(decided, committed, source[0])
-
-    async def _finish(self, st: _Staged) -> Handled:
-        """Await the output's decision commit ("store before act"), then publish its allowed actuations."""
-        decided, source = st.decided, st.source
-        try:
-            await st.committed
+            await self.store.writer.run(self._persist_job(decided, output, stamp, source[0]))
         except BaseException:
             self._last_props.clear()  # nothing of this output was stored: decide again next time
             raise
@@ -279,7 +240,7 @@ class Pipeline:
             self.counts[d.verdict.outcome] += 1
             if d.verdict.outcome == "deny":
                 log.info("actuation_denied" if d.kind == "actuation" else "property_denied",
-                         module=source, subject=d.subject, reason=d.verdict.reason, policy=d.policy_name,
+                         module=source[0], subject=d.subject, reason=d.verdict.reason, policy=d.policy_name,
                          decision_id=d.decision_id)
         to_publish = [d for d in decided if d.kind == "actuation" and d.verdict.outcome != "deny"]
         if not to_publish:
@@ -332,7 +293,8 @@ class Pipeline:
                     " result, outcome, reason, subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (stamp.wall, stamp.boot_id, stamp.mono, d.policy_name, d.policy_version,
                      self.settings.policy_entrypoint, json.dumps(d.input, separators=(",", ":")),
-                     json.dumps(d.result, separators=(",", ":")), d.verdict.outcome, d.verdict.reason, d.subject))
+                     d.result_json if d.result_json is not None else json.dumps(d.result, separators=(",", ":")),
+                     d.verdict.outcome, d.verdict.reason, d.subject))
                 d.decision_id = int(cur.lastrowid or 0)
                 if d.kind == "property" and d.verdict.outcome != "deny":
                     value = d.verdict.final

@@ -9,6 +9,7 @@ releases rejected with a clear code rather than the service failing.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,14 @@ class FleetAgent:
                               presence_topic=self.topics.presence(node_id), on_message=self.receiver.on_message,
                               on_state=self._on_link_state)
         self.reporter.publish = lambda topic, payload: self.link.publish(topic, payload, retain=True)
+        # the daemon's STATUS= line (sd_notify / status "doing"); None outside the daemon
+        self.on_status: Callable[[str], None] | None = None
 
     async def _on_link_state(self, state: str, detail: str) -> None:
         if state == "up":
             self.receiver.settle(CONNECT_SETTLE_S)
+        if self.on_status is not None:
+            self.on_status("connected" if state == "up" else "broker offline")
         await self.releases.store.set_link("fleet", state, detail)
 
     async def run(self) -> None:
@@ -126,4 +131,5 @@ class FleetService:
                            policy_settings=ctx.config.policy)
         ctx.components["fleet"] = agent
         ctx.set_status("fleet", "connecting")
+        agent.on_status = lambda text: ctx.set_status("fleet", text)
         await agent.run()

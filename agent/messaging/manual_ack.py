@@ -53,7 +53,7 @@ def send_ack(paho: PahoAcker, mid: int, qos: int) -> bool:
     return int(rc) == 0
 
 
-READ_CHUNK = 65536
+READ_CHUNK = 16384
 
 
 class _ReadBuffer:
@@ -63,6 +63,7 @@ class _ReadBuffer:
         self.sock: object | None = None
         self.data = b""
         self.pos = 0
+        self.refills = 0  # socket reads still allowed in the current loop_read call
 
     def pending(self) -> int:
         return len(self.data) - self.pos
@@ -76,7 +77,10 @@ def enable_buffered_reads(client: aiomqtt.Client) -> None:
     1k readings/s. This wraps paho's ``_sock_recv`` (a private method; checked here, like the
     manual ack) with a per-socket buffer filled by one ``recv(64 KiB)``, and re-runs paho's
     ``loop_read`` while buffered bytes remain, so nothing buffered waits for the next readiness
-    event. Errors, EOF and TLS keep paho's own handling (the refill goes through the original method).
+    event. Only ONE socket read per ``loop_read`` (one readiness event): a flood of redelivered
+    messages must not keep the loop parsing while acknowledgements wait to be written (more
+    duplicates after a crash). Errors, EOF and TLS keep paho's own handling (the refill goes
+    through the original method).
     """
     paho: Any = paho_of(client)
     orig_recv = getattr(paho, "_sock_recv", None)
@@ -91,6 +95,11 @@ def enable_buffered_reads(client: aiomqtt.Client) -> None:
         if buf.sock is not sock:  # a new connection: never hand over bytes of the old one
             buf.sock, buf.data, buf.pos = sock, b"", 0
         if buf.pos >= len(buf.data):
+            if buf.refills <= 0:
+                # one socket read per readiness event: yield to the loop (acks, commits) instead of
+                # parsing a flood for as long as the broker sends; the level-triggered reader fires again
+                raise BlockingIOError()
+            buf.refills -= 1
             data: bytes = orig_recv(READ_CHUNK)  # raises BlockingIOError / OSError as paho expects
             if not data:
                 return data  # EOF: paho reports the lost connection
@@ -101,6 +110,7 @@ def enable_buffered_reads(client: aiomqtt.Client) -> None:
         return chunk
 
     def loop_read(max_packets: int = 1) -> Any:
+        buf.refills = 1
         rc = orig_loop_read(max_packets)
         while int(rc) == 0 and buf.pending() > 0 and buf.sock is paho._sock and paho._sock is not None:
             rc = orig_loop_read(max_packets)
@@ -108,3 +118,4 @@ def enable_buffered_reads(client: aiomqtt.Client) -> None:
 
     paho._sock_recv = sock_recv
     paho.loop_read = loop_read
+

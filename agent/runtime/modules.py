@@ -59,7 +59,6 @@ log = get_logger("modules")
 OutputSink = Callable[[ModuleOutput], Awaitable[None]]
 ERROR_REPORT_EVERY_S = 300.0
 TOPIC_CACHE_MAX = 10000
-RECORDS_IN_FLIGHT = 32
 
 
 class ModuleRunFailed(ModuleError):
@@ -100,7 +99,6 @@ class ModuleRuntime:
         self._topic_cache: dict[str, tuple[str, ...]] = {}
         self._reported: dict[tuple[str, str], float] = {}
         self._runs_since_trim = 0
-        self._records: set[asyncio.Future[Any]] = set()  # row commits of triggered runs not yet seen
         self.runs = 0
         self.failures = 0
         self.scheduler: ModuleScheduler | None = None  # set by the service; None when run without one
@@ -230,14 +228,6 @@ class ModuleRuntime:
             except Exception as exc:  # the pipeline's problem; the run itself is recorded as ok
                 log.error("module_output_sink_failed", module=loaded.name, version=loaded.version,
                           error=str(exc), error_type=type(exc).__name__)
-        if output is not None and deliver:
-            # A triggered run's row is bookkeeping, not a precondition of acting: the writer is FIFO, so
-            # it commits with or before the decisions the sink just queued. Not waiting for it here
-            # lets the next batch start at once (the run record is off the reading → actuation path).
-            if output.state_set and save_state:
-                self._state[loaded.name] = output.state
-            await self._track_record(loaded, recorded, raw, output)
-            return output
         run_id = await asyncio.wrap_future(recorded)
         self.runs += 1
         if output is not None:
@@ -252,27 +242,6 @@ class ModuleRuntime:
         await self._report(loaded.name, raw)
         raise ModuleRunFailed(f"module '{loaded.name}' v{loaded.version} run {run_id}: {raw.error}",
                               outcome=raw.outcome, run_id=run_id)
-
-    async def _track_record(self, loaded: LoadedModule, recorded: Any, raw: RawRun, output: ModuleOutput) -> None:
-        """Account for a triggered run's row when its commit lands (bounded: at most RECORDS_IN_FLIGHT)."""
-        while len(self._records) >= RECORDS_IN_FLIGHT:
-            await asyncio.wait(set(self._records), return_when=asyncio.FIRST_COMPLETED)
-        fut = asyncio.wrap_future(recorded)
-        self._records.add(fut)
-
-        def done(f: asyncio.Future[Any]) -> None:
-            self._records.discard(f)
-            exc = f.exception() if not f.cancelled() else None
-            if f.cancelled() or exc is not None:
-                # the saved state may not be stored: reload it from SQLite before the next run
-                self._state.pop(loaded.name, None)
-                log.error("module_run_record_failed", module=loaded.name, version=loaded.version,
-                          error=str(exc) if exc is not None else "cancelled")
-                return
-            self.runs += 1
-            log.debug("module_run_ok", module=loaded.name, version=loaded.version, run_id=f.result(),
-                      duration_ms=round(raw.duration_ms, 2), **output.summary())
-        fut.add_done_callback(done)
 
     def _permissions(self, name: str, spec: ModuleSpec) -> Permissions:
         scratch = None
@@ -454,5 +423,3 @@ class ModuleRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers.clear()
-        if self._records:
-            await asyncio.wait(set(self._records), timeout=10)
