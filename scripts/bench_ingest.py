@@ -307,6 +307,7 @@ def main() -> int:
     configure("warning", "console")
     pin(0)
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None  # the box is shared: report both
     try:
         store_res = asyncio.run(bench_store(args.readings, work))
         broker1 = asyncio.run(bench_broker(args.broker_msgs, 1, work, "single"))
@@ -322,6 +323,7 @@ def main() -> int:
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "store": store_res, "broker_single": broker1, "broker_batch10": broker10, "latency": latency,
               "latency_normal": latency_normal, "latency_low_rate": latency_low,
+              "load_average_start": load_start,
               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "ingest.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -347,7 +349,7 @@ def main() -> int:
               f"for {lat['readings_sent']} readings ({lat['readings_without_actuation']} merged into a later run, "
               f"{lat['unexpected_actuations']} unmatched), {lat['module_runs']} module runs, {lat['commits']} commits, "
               f"agent CPU {lat['agent_cpu_ms_per_reading']} ms/reading")
-    print(f"load average during the run: {result['load_average']}")
+    print(f"load average at start: {load_start}, at the end: {result['load_average']}")
     print(f"wrote {OUT / 'ingest.json'}")
     return 0
 

@@ -29,7 +29,7 @@ import aiomqtt
 from agent.config.model import LocalBrokerSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
-from agent.messaging.manual_ack import PahoAcker, enable_buffered_reads, enable_manual_ack, send_ack
+from agent.messaging.manual_ack import PahoAcker, enable_manual_ack, send_ack
 
 log = get_logger("local_bus")
 
@@ -194,7 +194,6 @@ class LocalBus:
         )
         client.pending_calls_threshold = 10_000  # many actuations in flight are normal, not a warning
         paho = enable_manual_ack(client)
-        enable_buffered_reads(client)
         async with client:
             self._generation += 1
             self._client, self._paho = client, paho
