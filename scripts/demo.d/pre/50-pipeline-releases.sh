@@ -17,7 +17,7 @@ bash scripts/build-examples.sh >/dev/null
 "$PY" scripts/build_gate_policy.py "$PIPE_DIR/gate-policy.tar.gz"
 cp examples/build/thermostat.wasm "$PIPE_DIR/thermostat.wasm"
 cat >"$PIPE_DIR/thermostat.meta.json" <<'JSON'
-{"trigger": {"type": "topic", "topics": ["factory/+/+/temp"], "batch_window_ms": 200},
+{"trigger": {"type": "topic", "topics": ["factory/+/+/temp"], "batch_window_ms": 0},
  "config": {"metric": "temp", "high": 30.0, "low": 27.0, "actuator_prefix": "actuators"}}
 JSON
 
