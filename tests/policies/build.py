@@ -27,7 +27,7 @@ MINOR_EXPORTS = {2: ["opa_eval"], 3: ["opa_value_free", "opa_heap_blocks_stash",
                                       "opa_heap_stash_clear"]}
 
 
-def _uleb(n: int) -> bytes:
+def uleb(n: int) -> bytes:
     out = bytearray()
     while True:
         b = n & 0x7F
@@ -125,7 +125,7 @@ def patch(wasm: bytes, *, major: int, minor: int | None, export_memory: bool, st
     first_new = imported_globals + gcount
     for value, _ in new_globals:
         gbody += b"\x7f\x00\x41" + _sleb(value) + b"\x0b"
-    out[6] = _uleb(gcount + len(new_globals)) + gbody
+    out[6] = uleb(gcount + len(new_globals)) + gbody
     # exports
     ecount, epos = _read_uleb(out[7], 0)
     ebody = out[7][epos:]
@@ -150,21 +150,21 @@ def patch(wasm: bytes, *, major: int, minor: int | None, export_memory: bool, st
     extra = b""
     n_extra = 0
     for i, (_, gname) in enumerate(new_globals):
-        extra += _uleb(len(gname)) + gname.encode() + b"\x03" + _uleb(first_new + i)
+        extra += uleb(len(gname)) + gname.encode() + b"\x03" + uleb(first_new + i)
         n_extra += 1
     if export_memory:
-        extra += _uleb(6) + b"memory" + b"\x02" + _uleb(0)
+        extra += uleb(6) + b"memory" + b"\x02" + uleb(0)
         n_extra += 1
-    out[7] = _uleb(kept_count + n_extra) + kept + extra
+    out[7] = uleb(kept_count + n_extra) + kept + extra
     if start is not None:
         if start_idx is None:
             raise ValueError(f"start function {start!r} is not exported")
-        out[8] = _uleb(start_idx)
+        out[8] = uleb(start_idx)
     result = bytearray(b"\0asm\x01\0\0\0")
     for sid in sorted(out, key=lambda s: _ORDER[s]):
-        result += bytes([sid]) + _uleb(len(out[sid])) + out[sid]
+        result += bytes([sid]) + uleb(len(out[sid])) + out[sid]
     for sid, body in customs:
-        result += bytes([sid]) + _uleb(len(body)) + body
+        result += bytes([sid]) + uleb(len(body)) + body
     return bytes(result)
 
 

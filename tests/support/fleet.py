@@ -28,7 +28,7 @@ from agent.runtime.modules import ModuleRuntime
 from agent.runtime.settings import ModuleSettings
 from agent.storage import Store
 from agent.trust.releases import ReleaseStore
-from tests.policies.build import build
+from tests.policies.build import build, uleb
 from tests.support.broker import Broker, free_port
 from tests.support.releases import Signer
 from tests.support.tls import TestPKI, fleet_broker_conf
@@ -52,14 +52,6 @@ def sandbox_wasm() -> bytes:
 
 def custom_section(wasm: bytes, name: str, data: bytes) -> bytes:
     """Append a custom section (ignored by compilers): pads a policy to any size, changes its sha."""
-    def uleb(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            b = n & 0x7F
-            n >>= 7
-            out.append(b | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
     body = uleb(len(name)) + name.encode() + data
     return wasm + b"\x00" + uleb(len(body)) + body
 

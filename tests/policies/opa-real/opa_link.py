@@ -40,7 +40,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent.parent))
-from tests.policies.build import _name, _read_uleb, _sections, _sleb, _uleb  # noqa: E402
+from tests.policies.build import _name, _read_uleb, _sections, _sleb, uleb  # noqa: E402
 
 RUNTIME = HERE / "opa-runtime-v1.20.2.wasm.gz"
 ENTRYPOINTS = ["real/echo", "real/allow", "real/lookup", "real/fmt", "real/conflict"]
@@ -54,11 +54,11 @@ I32NE, I32EQZ, SELECT, UNREACHABLE, I32LOAD, I32STORE = 0x47, 0x45, 0x1B, 0x00, 
 
 
 def _vec(items: list[bytes]) -> bytes:
-    return _uleb(len(items)) + b"".join(items)
+    return uleb(len(items)) + b"".join(items)
 
 
 def _str(s: str) -> bytes:
-    return _uleb(len(s.encode())) + s.encode()
+    return uleb(len(s.encode())) + s.encode()
 
 
 def _split_entries(body: bytes, parse_one: object) -> list[bytes]:
@@ -121,12 +121,12 @@ def _data_extent(seg: bytes) -> int:
 
 
 def _data_seg(offset: int, data: bytes) -> bytes:
-    return b"\x00" + bytes([I32C]) + _sleb(offset) + bytes([END]) + _uleb(len(data)) + data
+    return b"\x00" + bytes([I32C]) + _sleb(offset) + bytes([END]) + uleb(len(data)) + data
 
 
 def _func_body(locals_i32: int, code: bytes) -> bytes:
-    body = (_vec([_uleb(locals_i32) + b"\x7f"]) if locals_i32 else _uleb(0)) + code + bytes([END])
-    return _uleb(len(body)) + body
+    body = (_vec([uleb(locals_i32) + b"\x7f"]) if locals_i32 else uleb(0)) + code + bytes([END])
+    return uleb(len(body)) + body
 
 
 def link(minor: int = 3) -> bytes:
@@ -150,7 +150,7 @@ def link(minor: int = 3) -> bytes:
                 pos = pos2 + size
 
     def fn(name: str) -> bytes:
-        return bytes([CALL]) + _uleb(names[name])
+        return bytes([CALL]) + uleb(names[name])
 
     # types: find or add ()->i32 and ()->()
     type_entries = _split_entries(by_id[1], _type_end)
@@ -226,7 +226,7 @@ def link(minor: int = 3) -> bytes:
     datas.append(_data_seg(mapping_off, mapping))
     heap_start = max(_data_extent(d) for d in datas)
     pages = -(-heap_start // 65536)
-    imports.append(_str("env") + _str("memory") + b"\x02\x00" + _uleb(pages))  # addImportMemoryDecl
+    imports.append(_str("env") + _str("memory") + b"\x02\x00" + uleb(pages))  # addImportMemoryDecl
 
     def s(key: str) -> bytes:
         return bytes([I32C]) + _sleb(addr["s:" + key])
@@ -293,21 +293,21 @@ def link(minor: int = 3) -> bytes:
     codes[names["eval"] - n_func_imports] = eval_code
     codes[names["opa_boolean"] - n_func_imports] = boolean_code
     first_new = n_func_imports + len(funcs)
-    funcs += [_uleb(t_void_i32), _uleb(t_void_i32), _uleb(t_void_void)]
+    funcs += [uleb(t_void_i32), uleb(t_void_i32), uleb(t_void_void)]
     codes += [builtins_code, entrypoints_code, init_code]
     idx_builtins, idx_entrypoints, idx_init = first_new, first_new + 1, first_new + 2
 
     gbody += b"\x7f\x00\x41" + _sleb(1) + b"\x0b" + b"\x7f\x00\x41" + _sleb(minor) + b"\x0b"
-    kept_exports += [_str("eval") + b"\x00" + _uleb(names["eval"]),
-                     _str("builtins") + b"\x00" + _uleb(idx_builtins),
-                     _str("entrypoints") + b"\x00" + _uleb(idx_entrypoints),
-                     _str("opa_wasm_abi_version") + b"\x03" + _uleb(gcount),
-                     _str("opa_wasm_abi_minor_version") + b"\x03" + _uleb(gcount + 1)]
-    out = {1: _vec(type_entries), 2: _vec(imports), 3: _vec(funcs), 4: by_id[4], 6: _uleb(gcount + 2) + gbody,
-           7: _vec(kept_exports), 8: _uleb(idx_init), 9: by_id[9], 10: _vec(codes), 11: _vec(datas)}
+    kept_exports += [_str("eval") + b"\x00" + uleb(names["eval"]),
+                     _str("builtins") + b"\x00" + uleb(idx_builtins),
+                     _str("entrypoints") + b"\x00" + uleb(idx_entrypoints),
+                     _str("opa_wasm_abi_version") + b"\x03" + uleb(gcount),
+                     _str("opa_wasm_abi_minor_version") + b"\x03" + uleb(gcount + 1)]
+    out = {1: _vec(type_entries), 2: _vec(imports), 3: _vec(funcs), 4: by_id[4], 6: uleb(gcount + 2) + gbody,
+           7: _vec(kept_exports), 8: uleb(idx_init), 9: by_id[9], 10: _vec(codes), 11: _vec(datas)}
     module = bytearray(b"\0asm\x01\0\0\0")
     for sid in (1, 2, 3, 4, 6, 7, 8, 9, 10, 11):
-        module += bytes([sid]) + _uleb(len(out[sid])) + out[sid]
+        module += bytes([sid]) + uleb(len(out[sid])) + out[sid]
     return bytes(module)
 
 
