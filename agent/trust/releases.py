@@ -236,6 +236,14 @@ class ReleaseStore:
     def stage(self, artifact: bytes, bundle: bytes, *, source: str = "cli",
               system_now: float | None = None) -> Release:
         """Verify and store as ``staged`` (not running). A staged release of the same name is retired."""
+        rel = self._store(artifact, bundle, source, system_now, activate=False)
+        log.info("release_staged", kind=rel.kind, name=rel.name, version=rel.version, sha256=rel.sha256,
+                 signer=rel.signer_key_id[:16], source=source)
+        return rel
+
+    def _store(self, artifact: bytes, bundle: bytes, source: str, system_now: float | None, *,
+               activate: bool) -> Release:
+        """Verify, then stage (and activate) with the compiled code and trusted time in one transaction."""
         v, runnable = self._verify(artifact, bundle, system_now=system_now)
         cache = self._cache_job(v, runnable)
 
@@ -243,12 +251,12 @@ class ReleaseStore:
             rid = _stage(db, v, artifact, bundle, source)
             cache(db)
             advance_job(system_now)(db)
+            if activate:
+                return _activate(db, rid)
             out = get_release(db.conn, rid)
             assert out is not None
             return out
         rel: Release = self._write(job)
-        log.info("release_staged", kind=rel.kind, name=rel.name, version=rel.version, sha256=rel.sha256,
-                 signer=rel.signer_key_id[:16], source=source)
         return rel
 
     def activate(self, release_id: int) -> Release:
@@ -260,15 +268,7 @@ class ReleaseStore:
     def install(self, artifact: bytes, bundle: bytes, *, source: str = "cli",
                 system_now: float | None = None) -> Release:
         """Verify + store + activate in one transaction (the air-gap path and simple fleet pushes)."""
-        v, runnable = self._verify(artifact, bundle, system_now=system_now)
-        cache = self._cache_job(v, runnable)
-
-        def job(db: sqlite_utils.Database) -> Release:
-            rid = _stage(db, v, artifact, bundle, source)
-            cache(db)
-            advance_job(system_now)(db)
-            return _activate(db, rid)
-        rel: Release = self._write(job)
+        rel = self._store(artifact, bundle, source, system_now, activate=True)
         log.info("release_installed", kind=rel.kind, name=rel.name, version=rel.version, sha256=rel.sha256,
                  signer=rel.signer_key_id[:16], source=source)
         return rel
