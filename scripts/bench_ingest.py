@@ -80,7 +80,7 @@ def thermostat() -> bytes:
 
 async def bench_store(n: int, work: Path) -> dict[str, Any]:
     store = Store.open(work / "store", synchronous="FULL")
-    ingest = Ingest(store, batch_max=512)
+    ingest = Ingest(store)
     done = asyncio.Event()
     ingest.add_listener(lambda _r: done.set() if ingest.stored >= n else None)
     task = asyncio.create_task(ingest.run())
@@ -124,6 +124,7 @@ async def main():
         finally:
             sem.release()
     async with aiomqtt.Client("127.0.0.1", port, identifier="bench-pub", max_inflight_messages=200) as c:
+        c.pending_calls_threshold = 10_000
         t0 = time.perf_counter()
         tasks = []
         for i in range(n):
@@ -141,7 +142,7 @@ async def bench_broker(n_msgs: int, per: int, work: Path, tag: str) -> dict[str,
     store = Store.open(work / f"broker-{tag}", synchronous="FULL")
     try:
         bus = LocalBus(LocalBrokerSettings(host=broker.host, port=broker.port, client_id=f"bench-{tag}"), "bench")
-        ingest = Ingest(store, batch_max=512, on_store_failure=bus.request_reconnect)
+        ingest = Ingest(store, on_store_failure=bus.request_reconnect)
         bus.subscribe("factory/#", ingest.handle, manual_ack=True)
         tasks = [asyncio.create_task(bus.run()), asyncio.create_task(ingest.run())]
         await bus.wait_connected(10)
@@ -238,7 +239,7 @@ async def bench_latency(rate: float, seconds: float, work: Path, synchronous: st
     store = Store.open(work / f"latency-{synchronous}", synchronous=synchronous)
     try:
         bus = LocalBus(LocalBrokerSettings(host=broker.host, port=broker.port, client_id="bench-agent"), "bench")
-        ingest = Ingest(store, batch_max=512, on_store_failure=bus.request_reconnect)
+        ingest = Ingest(store, on_store_failure=bus.request_reconnect)
         bus.subscribe("factory/#", ingest.handle, manual_ack=True)
         runtime = ModuleRuntime(store, ModuleSettings(), state_dir=work / f"latency-{synchronous}")
         registry = PolicyRegistry()

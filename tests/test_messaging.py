@@ -12,8 +12,9 @@ import pytest
 from agent.clock import now
 from agent.config.model import LocalBrokerSettings
 from agent.messaging.bus import BusMessage, BusUnavailable, LocalBus, backoff_delays
-from agent.messaging.manual_ack import ManualAckUnavailable, enable_manual_ack, paho_of
+from agent.messaging.connection import open_connection
 from agent.messaging.readings import MalformedReading, parse
+from agent.messaging.wire import Publish
 from tests.support.broker import Broker
 from tests.support.localbus import persistent_broker
 
@@ -25,27 +26,24 @@ async def _publish(broker: Broker, items: list[tuple[str, bytes]]) -> None:
 
 
 async def _receive(broker: Broker, cid: str, n: int, ack: bool, within: float = 10.0) -> list[str]:
-    """Connect with a persistent session + manual ack; take ``n`` messages, ack them or not."""
-    client = aiomqtt.Client(broker.host, broker.port, identifier=cid, clean_session=False)
-    paho = enable_manual_ack(client)
-    got: list[str] = []
-    async with client:
-        await client.subscribe("factory/#", qos=1)
-        if n == 0:
-            await asyncio.sleep(0.5)
-            return got
+    """Connect with a persistent session; take ``n`` messages, PUBACK them or not."""
+    got: list[Publish] = []
+    conn, _ = await open_connection(broker.host, broker.port, got.append, client_id=cid,
+                                    clean_session=False, keepalive_s=30)
+    try:
+        await conn.subscribe([("factory/#", 1)], timeout_s=5)
         async with asyncio.timeout(within):
-            async for m in client.messages:
-                got.append(bytes(m.payload).decode())  # type: ignore[arg-type,unused-ignore]
-                if ack:
-                    paho.ack(m.mid, m.qos)
-                if len(got) >= n:
-                    break
-        await asyncio.sleep(0.2)  # let the PUBACKs leave before DISCONNECT
-    return got
+            while len(got) < n:
+                await asyncio.sleep(0.02)
+        for p in got:
+            assert not ack or conn.ack(p.packet_id)
+        await asyncio.sleep(0.3 if n == 0 else 0.1)
+    finally:
+        conn.close()
+    return [p.payload.decode() for p in got]
 
 
-def test_manual_ack_adapter_redelivers_unacked_and_forgets_acked(broker: Broker) -> None:
+def test_connection_redelivers_unacked_and_forgets_acked(broker: Broker) -> None:
     async def scenario() -> None:
         await _receive(broker, "t-sub", 0, ack=False)  # create the persistent session
         await _publish(broker, [("factory/l1/s1/t", str(i).encode()) for i in range(5)])
@@ -57,13 +55,6 @@ def test_manual_ack_adapter_redelivers_unacked_and_forgets_acked(broker: Broker)
         after = await _receive(broker, "t-sub", 1, ack=True)
         assert after == ["99"]  # the acked five are gone for good
     asyncio.run(scenario())
-
-
-def test_manual_ack_adapter_refuses_an_incompatible_client() -> None:
-    class NotAClient:
-        _client = object()
-    with pytest.raises(ManualAckUnavailable, match="manual acknowledgement"):
-        paho_of(NotAClient())  # type: ignore[arg-type,unused-ignore]
 
 
 def test_backoff_is_capped_jittered_and_growing() -> None:

@@ -24,7 +24,8 @@ class PipelineSettings:
     events_max_rows: int = setting(100_000, check=positive, doc="Most module events/alerts kept.")
     retention_interval_s: float = setting(30.0, check=positive, doc="How often retention runs.")
     ingest_batch_max: int = setting(
-        512, check=positive, doc="Most messages stored in one write job (then acknowledged together).")
+        256, check=positive, doc="Most messages stored in one write job (then acknowledged together); "
+        "after a crash at most 3x this many readings can be redelivered and stored twice.")
     max_payload_bytes: int = setting(
         65536, check=positive, doc="Larger sensor payloads are rejected as malformed (and acknowledged).")
     policy_entrypoint: str = setting(

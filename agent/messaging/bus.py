@@ -5,9 +5,10 @@ Why it looks like this (see the platform notes' data-loss traps):
   the agent is down or restarting and redelivers them;
 - manual acknowledgement: a message is PUBACKed only when its handler says it is durably stored
   (``BusMessage.ack``), so a crash before the commit means redelivery, never loss. The broker's
-  in-flight window then doubles as back-pressure; the incoming queue is unbounded on purpose (a
-  bounded aiomqtt queue drops messages it already acknowledged);
-- no built-in reconnect in aiomqtt: capped exponential backoff with jitter, re-subscribe every time.
+  in-flight window then doubles as back-pressure;
+- the wire is spoken by the agent's own small MQTT 3.1.1 connection (``connection.py``): this link
+  carries every reading and actuation, and a general-purpose client cost half the event loop;
+- capped exponential backoff with jitter between connects, re-subscribe every time.
 
 An ack is only sent on the connection that received the message: after a reconnect the broker
 redelivers whatever was not acknowledged (at-least-once; duplicates are possible, loss is not).
@@ -18,18 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
-
 from agent.config.model import LocalBrokerSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
-from agent.messaging.manual_ack import PahoAcker, enable_manual_ack, send_ack
+from agent.messaging import topics
+from agent.messaging.connection import MqttConnection, MqttError, open_connection
+from agent.messaging.wire import Publish
 
 log = get_logger("local_bus")
 
@@ -38,6 +38,8 @@ STABLE_SESSION_S = 10.0
 OFFLINE_WARN_EVERY_S = 600.0
 Handler = Callable[["BusMessage"], None]
 LinkListener = Callable[[str, str], Any]
+ROUTE_CACHE_MAX = 4096
+CONNECT_TIMEOUT_S = 10.0
 
 
 class BusUnavailable(AgentError):
@@ -57,6 +59,11 @@ class BusMessage:
     _bus: LocalBus | None = field(default=None, repr=False)
     _generation: int = 0
     _acked: bool = False
+    size: int = -1  # the payload's real size when the bus kept only its head (oversize message)
+
+    @property
+    def truncated(self) -> bool:
+        return self.size > len(self.payload)
 
     def ack(self) -> bool:
         """Acknowledge to the broker (idempotent). False if the connection that got it is gone."""
@@ -93,8 +100,8 @@ class LocalBus:
         self.settings = settings
         self.client_id = settings.client_id or f"edge-agent-{node_id}"
         self._routes: list[_Route] = []
-        self._client: aiomqtt.Client | None = None
-        self._paho: PahoAcker | None = None
+        self._conn: MqttConnection | None = None
+        self._route_cache: dict[str, _Route | None] = {}
         self._generation = 0
         self._connected = asyncio.Event()
         self._on_link = on_link
@@ -116,10 +123,14 @@ class LocalBus:
         With ``manual_ack`` the handler must call ``msg.ack()`` once the message is safe; otherwise
         the bus acks right after the handler returns. Subscriptions are (re)made on every connect.
         """
+        if qos not in (0, 1):
+            raise ValueError(f"the local bus subscribes at QoS 0 or 1 (got {qos})")
         self._routes.append(_Route(topic_filter, handler, manual_ack, qos))
-        client = self._client
-        if client is not None and self._connected.is_set():
-            task = asyncio.get_running_loop().create_task(client.subscribe(topic_filter, qos=qos))
+        self._route_cache.clear()
+        conn = self._conn
+        if conn is not None and self._connected.is_set():
+            task = asyncio.get_running_loop().create_task(
+                conn.subscribe([(topic_filter, qos)], timeout_s=CONNECT_TIMEOUT_S))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     @property
@@ -136,12 +147,13 @@ class LocalBus:
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
                       puback_timeout_s: float = 5.0) -> None:
         """Publish and, for QoS 1, wait for the broker's PUBACK. Raises :class:`BusUnavailable`."""
-        client = self._client
-        if client is None or not self._connected.is_set():
+        conn = self._conn
+        if conn is None or not self._connected.is_set():
             raise BusUnavailable(f"local broker {self.settings.host}:{self.settings.port} is not connected")
+        data = payload.encode() if isinstance(payload, str) else payload
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=puback_timeout_s)
-        except aiomqtt.MqttError as exc:
+            await conn.publish(topic, data, qos=qos, retain=retain, timeout_s=puback_timeout_s)
+        except MqttError as exc:
             raise BusUnavailable(f"publish to '{topic}' on the local broker failed: {exc}") from exc
         self.published += 1
 
@@ -160,7 +172,7 @@ class LocalBus:
             try:
                 await self._session()
                 detail = self._reconnect_reason or "connection closed"
-            except (aiomqtt.MqttError, OSError) as exc:
+            except (MqttError, OSError) as exc:
                 detail = str(exc) or type(exc).__name__
             finally:
                 self._down()
@@ -185,38 +197,37 @@ class LocalBus:
 
     async def _session(self) -> None:
         s = self.settings
-        client = aiomqtt.Client(
-            s.host, s.port, identifier=self.client_id, clean_session=False,
-            protocol=aiomqtt.ProtocolVersion.V311, keepalive=s.keepalive_s,
-            username=s.username or None, password=s.password or None, timeout=10.0,
-            # Nagle + delayed ACK held small QoS 1 packets (PUBACKs, actuations) for tens of ms
-            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
-        )
-        client.pending_calls_threshold = 10_000  # many actuations in flight are normal, not a warning
-        paho = enable_manual_ack(client)
-        async with client:
-            self._generation += 1
-            self._client, self._paho = client, paho
+        self._generation += 1
+        generation = self._generation
+        conn, session_present = await open_connection(
+            s.host, s.port, lambda p: self._deliver(p, generation), client_id=self.client_id,
+            clean_session=False, keepalive_s=s.keepalive_s, username=s.username, password=s.password,
+            timeout_s=CONNECT_TIMEOUT_S)
+        self._conn = conn
+        waker = asyncio.create_task(self._wake.wait())
+        try:
             self.connects += 1
-            for topic_filter, qos in self._filters():
-                await client.subscribe(topic_filter, qos=qos)
+            await conn.subscribe(self._filters(), timeout_s=CONNECT_TIMEOUT_S)
             self._connected.set()
             log.info("local_bus_connected", host=s.host, port=s.port, client_id=self.client_id,
-                     subscriptions=[f for f, _ in self._filters()])
+                     session_present=session_present, subscriptions=[f for f, _ in self._filters()])
+            if not session_present and self.connects > 1:
+                # the broker forgot us between two connects: what it queued meanwhile is gone
+                log.warning("local_bus_session_lost", host=s.host, port=s.port, client_id=self.client_id,
+                            hint="enable persistence on the local broker (persistence true, a writable "
+                                 "persistence_location) and keep the client id unique")
             await self._link("up", f"{s.host}:{s.port} as {self.client_id}")
-            reader = asyncio.create_task(self._read(client, self._generation))
-            waker = asyncio.create_task(self._wake.wait())
-            try:
-                done, _ = await asyncio.wait({reader, waker}, return_when=asyncio.FIRST_COMPLETED)
-                if reader in done:
-                    reader.result()  # raises MqttError on a lost connection
-            finally:
-                for t in (reader, waker):
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await t
-                self._wake.clear()
-                self._connected.clear()
+            watched: set[asyncio.Future[Any]] = {conn.closed, waker}
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if conn.closed.done():
+                conn.closed.result()  # raises ConnectionLost with the reason
+        finally:
+            waker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waker
+            self._wake.clear()
+            self._connected.clear()
+            conn.close()
 
     def _filters(self) -> list[tuple[str, int]]:
         seen: dict[str, int] = {}
@@ -224,38 +235,50 @@ class LocalBus:
             seen[r.topic_filter] = max(seen.get(r.topic_filter, 0), r.qos)
         return list(seen.items())
 
-    async def _read(self, client: aiomqtt.Client, generation: int) -> None:
-        async for m in client.messages:
-            self.received += 1
-            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-            msg = BusMessage(str(m.topic), payload, m.qos, m.retain, m.mid, time.monotonic(),
-                             self, generation)
-            route = next((r for r in self._routes if m.topic.matches(r.topic_filter)), None)
-            if route is None:
-                msg.ack()
-                continue
-            try:
-                route.handler(msg)
-            except Exception as exc:  # a handler bug must not kill the bus; unacked = redelivered
-                log.error("local_bus_handler_failed", topic=msg.topic, error=str(exc),
-                          error_type=type(exc).__name__)
-                self.request_reconnect(f"handler for {route.topic_filter} failed: {exc}")
-                continue
-            if not route.manual_ack:
-                msg.ack()
+    def _route(self, topic: str) -> _Route | None:
+        try:
+            return self._route_cache[topic]
+        except KeyError:
+            pass
+        route = next((r for r in self._routes if topics.matches(r.topic_filter, topic)), None)
+        if len(self._route_cache) >= ROUTE_CACHE_MAX:
+            self._route_cache.clear()  # many distinct topics: matching is cheap, memory stays bounded
+        self._route_cache[topic] = route
+        return route
+
+    def _deliver(self, p: Publish, generation: int) -> None:
+        """Called by the connection for each message, in order, on the loop."""
+        self.received += 1
+        msg = BusMessage(p.topic, p.payload, p.qos, p.retain, p.packet_id, time.monotonic(), self,
+                         generation, size=p.size)
+        route = self._route(p.topic)
+        if route is None:
+            msg.ack()
+            return
+        try:
+            route.handler(msg)
+        except Exception as exc:  # a handler bug must not kill the bus; unacked = redelivered
+            log.error("local_bus_handler_failed", topic=msg.topic, error=str(exc),
+                      error_type=type(exc).__name__)
+            self.request_reconnect(f"handler for {route.topic_filter} failed: {exc}")
+            return
+        if not route.manual_ack:
+            msg.ack()
 
     def _ack(self, msg: BusMessage) -> bool:
-        if msg._generation != self._generation or self._paho is None or not self._connected.is_set():
+        conn = self._conn
+        if msg._generation != self._generation or conn is None or not conn.is_open:
             return False
-        ok = send_ack(self._paho, msg.mid, msg.qos)
+        if msg.qos == 0:
+            return True
+        ok = conn.ack(msg.mid)
         if ok:
             self.acked += 1
         return ok
 
     def _down(self) -> None:
         self._connected.clear()
-        self._client = None
-        self._paho = None
+        self._conn = None
 
     async def _link(self, state: str, detail: str) -> None:
         if self._on_link is None:
