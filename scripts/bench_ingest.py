@@ -11,7 +11,7 @@
    fan, so each one must produce exactly one actuation; latency = actuation received − reading sent.
 
 Usage: .venv/bin/python scripts/bench_ingest.py [--readings 200000] [--broker-msgs 40000]
-       [--rate 1000] [--seconds 10]
+       [--rate 1000] [--seconds 10] [--repeat 3]
 Writes var/bench/ingest.json and prints a table.
 """
 
@@ -304,6 +304,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--low-rate", type=float, default=200.0, help="a second, unsaturated rate for comparison")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs of the FULL latency measurement at --rate (p99 is noisy: the worst counts)")
     args = ap.parse_args()
     configure("warning", "console")
     pin(0)
@@ -316,13 +318,16 @@ def main() -> int:
         # latency: the agent as deployed (not pinned): loop, writer, module thread share both cores
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-        latency = asyncio.run(bench_latency(args.rate, args.seconds, work, "FULL"))
+        runs = [asyncio.run(bench_latency(args.rate, args.seconds, work / f"run{i}", "FULL"))
+                for i in range(max(1, args.repeat))]
+        latency = max(runs, key=lambda r: float(r["p99_ms"]))  # judge the target on the worst run
         latency_normal = asyncio.run(bench_latency(args.rate, args.seconds, work, "NORMAL"))
         latency_low = asyncio.run(bench_latency(args.low_rate, args.seconds, work, "FULL"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "store": store_res, "broker_single": broker1, "broker_batch10": broker10, "latency": latency,
+              "latency_runs": runs,
               "latency_normal": latency_normal, "latency_low_rate": latency_low,
               "load_average_start": load_start,
               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -335,8 +340,9 @@ def main() -> int:
          f"{broker1['messages_per_s']:,} msg/s", ""),
         ("via Mosquitto, 10 readings/msg", f"{broker10['readings_per_s']:,} readings/s",
          f"{broker10['messages_per_s']:,} msg/s", "target >= 10,000/s"),
-        (f"reading -> actuation at {args.rate:g}/s (FULL)", f"p50 {latency['p50_ms']} ms",
+        (f"reading -> actuation at {args.rate:g}/s (FULL), worst of {len(runs)}", f"p50 {latency['p50_ms']} ms",
          f"p99 {latency['p99_ms']} ms (max {latency['max_ms']})", "target p99 <= 20 ms"),
+        (f"  p99 of each of the {len(runs)} runs", "", " / ".join(f"{r['p99_ms']} ms" for r in runs), ""),
         (f"reading -> actuation at {args.rate:g}/s (NORMAL)", f"p50 {latency_normal['p50_ms']} ms",
          f"p99 {latency_normal['p99_ms']} ms (max {latency_normal['max_ms']})", "target p99 <= 20 ms"),
         (f"reading -> actuation at {args.low_rate:g}/s (FULL)", f"p50 {latency_low['p50_ms']} ms",

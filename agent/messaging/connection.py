@@ -102,6 +102,9 @@ class MqttConnection(asyncio.Protocol):
         except wire.ProtocolViolation as exc:
             self._fail(exc)
             return
+        except Exception as exc:  # a bug here must drop the link (and redeliver), never stall it
+            self._fail(MqttError(f"handling a packet from the local broker failed: {type(exc).__name__}: {exc}"))
+            return
         if len(packets) == PACKETS_PER_TURN and self._transport is not None:
             self._more_scheduled = True
             self._loop.call_soon(self._process)
