@@ -80,4 +80,7 @@ EXTRA_TABLES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Fleet releases (last event per release line)", "fleet", [
         ("kind", "kind"), ("name", "name"), ("version", "version"), ("state", "state"),
         ("running", "active_version"), ("shadow", "shadow"), ("reason", "reason"), ("at", "at")]),
+    ("Fleet releases on probation (health window open)", "fleet_watches", [
+        ("kind", "kind"), ("name", "name"), ("version", "version"), ("replaced", "replaced"),
+        ("window left", "left"), ("restarts", "restarts"), ("since", "since")]),
 ]

@@ -31,10 +31,17 @@ class Context:
     store: Store
     notifier: Notifier
     started_at: float = field(default_factory=time.time)
+    # how the previous run of the daemon ended: "stopped" (cleanly), "failed", other = it died; None = first
+    previous_end: str | None = None
     # components that services share, keyed by their role (e.g. "local_bus", "policies")
     components: dict[str, Any] = field(default_factory=dict)
     # short "what it is doing" phrases per service, joined into the sd_notify STATUS= line
     status_parts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def after_failure(self) -> bool:
+        """This start follows a run that died (SIGKILL, power cut, OOM) or stopped after a failure."""
+        return self.previous_end not in (None, "stopped")
 
     def set_status(self, part: str, text: str) -> None:
         self.status_parts[part] = text

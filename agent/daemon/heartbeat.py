@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import sqlite_utils
 
@@ -11,8 +12,11 @@ from agent import __version__
 from agent.storage.writer import WriteJob
 
 
-def started_job(interval_s: float) -> WriteJob:
-    def job(db: sqlite_utils.Database) -> None:
+def started_job(interval_s: float) -> Callable[[sqlite_utils.Database], str | None]:
+    """Mark this start; the job returns how the previous run ended (``stopped`` = cleanly, ``failed``,
+    anything else = it died without stopping; None = first start), before it is overwritten."""
+    def job(db: sqlite_utils.Database) -> str | None:
+        row = db.execute("SELECT state FROM daemon WHERE id = 1").fetchone()
         now = time.time()
         db.execute(
             "INSERT INTO daemon (id, pid, version, started_at, heartbeat_at, heartbeat_interval_s, state,"
@@ -22,6 +26,7 @@ def started_job(interval_s: float) -> WriteJob:
             " heartbeat_interval_s = excluded.heartbeat_interval_s, state = 'starting',"
             " status_text = 'starting', stopped_at = NULL",
             (os.getpid(), __version__, now, now, interval_s))
+        return str(row[0]) if row else None
     return job
 
 

@@ -89,7 +89,7 @@ class Daemon:
             lock.release()
 
     async def _serve(self, ctx: Context) -> int:
-        await ctx.store.writer.run(started_job(ctx.config.agent.heartbeat_interval_s))
+        ctx.previous_end = await ctx.store.writer.run(started_job(ctx.config.agent.heartbeat_interval_s))
         if ctx.store.corrupt is not None:
             log.error("database_was_corrupt", error=str(ctx.store.corrupt))
         if self._stop.is_set():  # SIGTERM while the database was being checked: don't start anything

@@ -62,7 +62,8 @@ def parse_status(payload: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) and obj.get("schema") == SCHEMA else None
 
 
-def _record_job(status: ReleaseStatus, payload: str) -> Callable[[sqlite_utils.Database], None]:
+def record_job(status: ReleaseStatus, payload: str) -> Callable[[sqlite_utils.Database], None]:
+    """Store a status as the latest of its release line (and in the per-delivery audit trail)."""
     def job(db: sqlite_utils.Database) -> None:
         now = time.time()
         db.execute(
@@ -152,7 +153,7 @@ class StatusReporter:
 
     async def _report_now(self, status: ReleaseStatus) -> None:
         payload = status.to_json()
-        await self.writer.run(_record_job(status, payload.decode()))
+        await self.writer.run(record_job(status, payload.decode()))
         self.history.append(status)
         del self.history[:-500]
         log.info("fleet_release_status", kind=status.kind, release=status.name, version=status.version,

@@ -4,10 +4,16 @@ Finds what it needs in ``ctx.components`` at start: ``releases`` (the ReleaseWat
 ReleaseStore is the one verification path), ``policies`` (the PolicyRegistry, or a service
 exposing ``.registry``) and ``modules`` (the ModuleRuntime). Missing parts make the matching
 releases rejected with a clear code rather than the service failing.
+
+Health windows survive restarts (:mod:`agent.fleet.watches`): the service settles the open ones while
+it is *built* — before any service task runs, so before the policy loader or the module service can
+load a crash-looping release — and resumes the rest once it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +27,7 @@ from agent.fleet.reporter import StatusReporter
 from agent.fleet.settings import FleetSettings
 from agent.fleet.swap import SwapOrchestrator
 from agent.fleet.topics import Topics
+from agent.fleet.watches import Watch, check_at_start
 from agent.logs import get_logger
 from agent.offload import run_blocking
 from agent.policy.registry import PolicyRegistry, shared_registry
@@ -65,6 +72,12 @@ def load_memory(db_path: Path) -> tuple[set[tuple[str, str, int, str]], list[tup
     return seen, statuses
 
 
+def _log_resume_failure(task: asyncio.Task[str]) -> None:
+    """A resumed window that failed (storage, a bug) stays open: the next start resumes it again."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("fleet_watch_resume_failed", task=task.get_name(), error=repr(exc))
+
+
 class FleetAgent:
     """Everything of the fleet side of one gateway, independent of the daemon (tests, benchmarks)."""
 
@@ -89,6 +102,26 @@ class FleetAgent:
         self.reporter.publish = lambda topic, payload: self.link.publish(topic, payload, retain=True)
         # the daemon's STATUS= line (sd_notify / status "doing"); None outside the daemon
         self.on_status: Callable[[str], None] | None = None
+        # open health windows to resume (None: not checked yet — run() does it)
+        self.resumable: list[Watch] | None = None
+        self._resumed: list[asyncio.Task[str]] = []
+
+    def check_watches(self, after_failure: bool = True) -> list[Watch]:
+        """Count this start in every open health window; roll back crash loops; keep the rest to resume.
+
+        Blocking, and meant to run before anything loads releases (the daemon: while building services).
+        A failure here is logged and recorded, never fatal: the releases stay as they are."""
+        try:
+            self.resumable = check_at_start(self.releases, node_id=self.node_id, window_s=self.settings.health_window_s,
+                                            max_starts=self.settings.max_starts_in_health_window,
+                                            after_failure=after_failure)
+        except Exception as exc:  # never let this check stop the daemon from starting (that would loop)
+            log.error("fleet_watch_check_failed", error=str(exc), error_type=type(exc).__name__)
+            with contextlib.suppress(Exception):
+                self.releases.store.record_error_sync("fleet", "fleet_watch_check_failed",
+                                                      f"the health windows open at start were not checked: {exc}")
+            self.resumable = []
+        return self.resumable
 
     async def _on_link_state(self, state: str, detail: str) -> None:
         if state == "up":
@@ -98,14 +131,24 @@ class FleetAgent:
         await self.releases.store.set_link("fleet", state, detail)
 
     async def run(self) -> None:
+        if self.resumable is None:
+            await run_blocking(self.check_watches)
         seen, statuses = await run_blocking(load_memory, self.releases.store.path)
         self.receiver.seen.update(seen)
         await self.reporter.republish(statuses)
         log.info("fleet_started", node_id=self.node_id, url=self.settings.url, filters=self.receiver.filters(),
-                 remembered=len(seen))
+                 remembered=len(seen), resumed_watches=len(self.resumable or []))
+        self._resumed = [asyncio.create_task(self.swap.resume(w), name=f"fleet-watch-{w.kind}-{w.name}")
+                         for w in self.resumable or []]
+        for task in self._resumed:
+            task.add_done_callback(_log_resume_failure)
+        self.resumable = []
         try:
             await self.link.run()
         finally:
+            for task in self._resumed:
+                task.cancel()
+            await asyncio.gather(*self._resumed, return_exceptions=True)
             await self.receiver.close()
             await self.reporter.close()
 
@@ -117,9 +160,17 @@ class FleetService:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.agent = self._build(ctx)
 
     async def run(self) -> None:
         ctx = self.ctx
+        agent = self.agent
+        ctx.set_status("fleet", "connecting")
+        agent.on_status = lambda text: ctx.set_status("fleet", text)
+        await agent.run()
+
+    @staticmethod
+    def _build(ctx: Context) -> FleetAgent:
         watcher = ctx.components.get("releases")
         releases = getattr(watcher, "releases", None)
         if not isinstance(releases, ReleaseStore):
@@ -130,6 +181,7 @@ class FleetService:
                            modules=runtime if isinstance(runtime, ModuleRuntime) else None,
                            policy_settings=ctx.config.policy)
         ctx.components["fleet"] = agent
-        ctx.set_status("fleet", "connecting")
-        agent.on_status = lambda text: ctx.set_status("fleet", text)
-        await agent.run()
+        # now, while the daemon builds its services: no service task runs yet, so a release rolled back
+        # for a crash loop is never loaded again (one short SQLite transaction per open window)
+        agent.check_watches(after_failure=ctx.after_failure)
+        return agent

@@ -68,3 +68,7 @@ class FleetSettings:
     health_max_latency_ratio: float = setting(3.0, check=positive,
                                               doc="Roll back when the new release's p99 latency exceeds the "
                                               "previous one's by this factor (judged from 200 evaluations on).")
+    max_starts_in_health_window: int = setting(2, check=non_negative,
+                                               doc="Starts after a crash or failure tolerated while a release's "
+                                               "health window is open (the window survives restarts); one more "
+                                               "rolls the release back before it runs again (crash loop).")

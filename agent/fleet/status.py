@@ -1,4 +1,5 @@
-"""The ``fleet`` section of ``edge-agent status``: the last fleet event per release line, from SQLite."""
+"""The ``fleet`` section of ``edge-agent status``: the last fleet event per release line, from SQLite,
+and (``fleet_watches``) the releases still on probation: their health window is open."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 from agent.clock import iso
+from agent.daemon.lock import daemon_holds_lock
+from agent.fleet.watches import open_watches
 
 if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
     from agent.config import AgentConfig
@@ -34,4 +37,21 @@ def fleet_section(conn: sqlite3.Connection, config: AgentConfig, report: Report)
         if state == "rolled_back":
             report.problems.append(f"{kind} {name} v{version} was rolled back to v{doc.get('active_version')}: "
                                    f"{reason}")
+        elif state == "active" and doc.get("code"):  # unhealthy, but there was nothing to roll back to
+            report.problems.append(f"{kind} {name} v{version} is unhealthy and still runs: {reason}")
     report.data["fleet"] = items
+    probation = []
+    watches = open_watches(conn)
+    running = bool(watches) and daemon_holds_lock(config.state_dir)
+    for w in watches:
+        left = w.left_s() if running else 0.0  # a stopped agent's window waits for its next start
+        probation.append({
+            "kind": w.kind, "name": w.name, "version": w.version, "replaced": w.previous_version,
+            "window_s": w.window_s, "left_s": round(left, 1), "starts": w.starts,
+            "max_starts": config.fleet.max_starts_in_health_window,
+            "left": ("agent not running: the full window runs again at its next start" if not running else
+                     f"{left:.0f} s of {w.window_s:g} s" if config.fleet.enabled else
+                     "not watched: [fleet] is disabled"),
+            "restarts": f"{w.starts} of {config.fleet.max_starts_in_health_window} tolerated",
+            "since": iso(w.opened_at)})
+    report.data["fleet_watches"] = probation

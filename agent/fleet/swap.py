@@ -16,6 +16,12 @@ One release at a time per kind/name (the receiver guarantees it). For a policy:
    replaced version) and **roll back by itself** when a threshold is crossed: the store
    re-activates ``previous`` (the floor is not lowered) and the registry gets the old object back.
 
+The window is persisted (:mod:`agent.fleet.watches`): opened before the activation, closed with the
+outcome. A window still open when the agent stopped or crashed is resumed by :meth:`resume` after the
+restart (a full window again, with the same rules; the replaced version's latency is gone with the
+old process, so the latency rule sits that one out), unless the restarts themselves were too many —
+then it was already rolled back at start (``crash_loop``).
+
 Modules go the same way, except the switch happens *between* runs (``ModuleRegistry.swap`` waits
 for the run in flight) and there is no shadow evaluation (a module's effects are not replayable).
 """
@@ -34,9 +40,11 @@ from typing import Any
 import wasmtime
 
 from agent.errors import AgentError
+from agent.fleet import watches
 from agent.fleet.health import HealthRules, HealthSample, judge, quantile_us
 from agent.fleet.receiver import Delivery
 from agent.fleet.reporter import ReleaseStatus, StatusReporter
+from agent.fleet.watches import Watch
 from agent.logs import get_logger
 from agent.offload import run_blocking
 from agent.policy.bundle import is_bundle, read_bundle
@@ -170,6 +178,33 @@ class SwapOrchestrator:
         self.has_newer = has_newer
         self.counters = SwapCounters()
         self.timings: dict[str, float] = {}  # the last swap's steps (benchmarks, logs)
+        # one install or resumed health window at a time per kind/name; how many installs wait for it
+        self._lines: dict[tuple[str, str], asyncio.Lock] = {}
+        self._waiting: dict[tuple[str, str], int] = {}
+
+    def _line(self, kind: str, name: str) -> asyncio.Lock:
+        return self._lines.setdefault((kind, name), asyncio.Lock())
+
+    def _newer_waiting(self, kind: str, name: str) -> bool:
+        """A newer release waits for this kind/name: the running health window ends early for it."""
+        if self._waiting.get((kind, name), 0) > 0:
+            return True
+        return self.has_newer is not None and self.has_newer(kind, name)
+
+    async def _open_watch(self, rel: Release, *, previous_version: int | None, scope: str,
+                          shadow: dict[str, int] | None) -> int:
+        watch_id = await self.releases.store.writer.run(watches.open_job(
+            rel.kind, rel.name, rel.version, rel.sha256, previous_version=previous_version, scope=scope,
+            shadow=shadow, window_s=self.rules.window_s))
+        log.info("fleet_watch_opened", kind=rel.kind, release=rel.name, version=rel.version,
+                 previous=previous_version, window_s=self.rules.window_s)
+        return int(watch_id)
+
+    async def _close_watch(self, watch_id: int, rel: Release, state: str, *, code: str = "",
+                           message: str = "") -> None:
+        await self.releases.store.writer.run(watches.close_job(watch_id, state, code=code, message=message))
+        log.info("fleet_watch_closed", kind=rel.kind, release=rel.name, version=rel.version, outcome=state,
+                 code=code or None)
 
     # -- ReleaseHandler ---------------------------------------------------------------------------
     async def current_version(self, kind: str, name: str) -> int:
@@ -180,7 +215,22 @@ class SwapOrchestrator:
         return active.version if active else None
 
     async def handle(self, delivery: Delivery) -> str:
-        """Install one release; returns the outcome (active, rejected, rolled_back, ignored, …)."""
+        """Install one release; returns the outcome (active, rejected, rolled_back, ignored, …).
+
+        Waits for a resumed health window of the same kind/name (which then ends early for it)."""
+        key = (delivery.envelope.kind, delivery.envelope.name)
+        lock = self._line(*key)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            await lock.acquire()
+        finally:
+            self._waiting[key] -= 1
+        try:
+            return await self._handle(delivery)
+        finally:
+            lock.release()
+
+    async def _handle(self, delivery: Delivery) -> str:
         env = delivery.envelope
         self.counters.received += 1
         started = time.perf_counter()
@@ -221,8 +271,39 @@ class SwapOrchestrator:
         self.reporter.report_soon(status("verified"))
         if rel.kind == "policy":
             module = await run_blocking(_compiled, self.releases.store, env.artifact, rel.sha256)
-            return await self._swap_policy(env.artifact, rel, status, started, module)
-        return await self._swap_module(env.artifact, rel, status, started)
+            return await self._swap_policy(env.artifact, rel, status, started, module,
+                                           previous_version=active_version, scope=str(delivery.scope))
+        return await self._swap_module(env.artifact, rel, status, started, previous_version=active_version,
+                                       scope=str(delivery.scope))
+
+    async def resume(self, watch: Watch) -> str:
+        """Run the health window of a release again after a restart (full window, same rules), then close it.
+
+        The policy loader / module service load the release as at every start; the window judges the
+        object they load (and, for a policy never loaded within the window, rolls back)."""
+        async with self._line(watch.kind, watch.name):
+            rel = await run_blocking(self.releases.active, watch.kind, watch.name)
+            if rel is None or (rel.version, rel.sha256) != (watch.version, watch.sha256):
+                await self.releases.store.writer.run(watches.close_job(
+                    watch.id, "superseded", message="no longer active when its window resumed"))
+                log.info("fleet_watch_closed", kind=watch.kind, release=watch.name, version=watch.version,
+                         outcome="superseded")
+                return "superseded"
+
+            def status(state: str, **kw: Any) -> ReleaseStatus:
+                return ReleaseStatus(node_id=self.node_id, kind=watch.kind, name=watch.name, version=watch.version,
+                                     state=state, sha256=watch.sha256, scope=watch.scope,
+                                     active_version=kw.pop("active_version", watch.version), **kw)
+
+            log.info("fleet_watch_running", kind=watch.kind, release=watch.name, version=watch.version,
+                     starts=watch.starts, window_s=self.rules.window_s)
+            if rel.kind == "policy":
+                return await self._watch_policy(rel, None, None, baseline=HealthSample(), status=status,
+                                                shadow=watch.shadow or {}, watch_id=watch.id)
+            if self.modules is None:
+                await self._close_watch(watch.id, rel, "cut", message="this agent runs no module runtime")
+                return "active"
+            return await self._watch_module(rel, self.modules, status, watch.id)
 
     # -- policies ---------------------------------------------------------------------------------
     def _default_loader(self, artifact: bytes, rel: Release, module: wasmtime.Module | None = None) -> Policy:
@@ -240,7 +321,8 @@ class SwapOrchestrator:
         return policy
 
     async def _swap_policy(self, artifact: bytes, rel: Release, status: Callable[..., ReleaseStatus],
-                           started: float, module: wasmtime.Module | None = None) -> str:
+                           started: float, module: wasmtime.Module | None = None, *,
+                           previous_version: int | None = None, scope: str = "") -> str:
         t0 = time.perf_counter()
         try:
             if module is not None and self.policy_loader == self._default_loader:
@@ -258,9 +340,12 @@ class SwapOrchestrator:
             {"evaluated": 0, "changed": 0, "errors": 0}
         baseline = HealthSample.of(policy.stats)  # shadow evaluations do not count in the window
         t2 = time.perf_counter()
+        # the window is on record before the release can run: a crash from here on resumes it
+        watch_id = await self._open_watch(rel, previous_version=previous_version, scope=scope, shadow=shadow)
         try:
             await self.releases.aactivate(rel.id)
         except (ReleaseRejected, ReleaseStoreError) as exc:
+            await self.releases.store.writer.run(watches.discard_job(watch_id))
             self.counters.rejected += 1
             await self.reporter.report(status("rejected", code=exc.code, message=str(exc), shadow=shadow))
             return "rejected"
@@ -274,10 +359,14 @@ class SwapOrchestrator:
                  previous=old.version if old else None,
                  timings_ms={k: round(v, 1) for k, v in self.timings.items()})
         await self.reporter.report(status("active", shadow=shadow, active_version=rel.version))
-        return await self._watch_policy(rel, policy, old, baseline=baseline, status=status, shadow=shadow)
+        return await self._watch_policy(rel, policy, old, baseline=baseline, status=status, shadow=shadow,
+                                        watch_id=watch_id)
 
-    async def _watch_policy(self, rel: Release, policy: Policy, old: Policy | None, *, baseline: HealthSample,
-                            status: Callable[..., ReleaseStatus], shadow: dict[str, int]) -> str:
+    async def _watch_policy(self, rel: Release, policy: Policy | None, old: Policy | None, *,
+                            baseline: HealthSample, status: Callable[..., ReleaseStatus], shadow: dict[str, int],
+                            watch_id: int) -> str:
+        """The health window of ``rel``; ``policy`` None = resumed after a restart: watch what the policy
+        loader loads (a policy still not loaded when the window ends is rolled back)."""
         old_p99 = quantile_us(tuple(old.stats.latency_us), LATENCY_BUCKETS_US, 0.99) if old else None
         if old is not None and old.stats.evals < self.rules.min_evals:
             old_p99 = None  # too little history to compare against
@@ -288,51 +377,76 @@ class SwapOrchestrator:
             current = self.policies.get(rel.name)
             if current is not policy and current is not None:
                 if current.version != rel.version:
-                    log.info("fleet_health_window_cut", release=rel.name, version=rel.version,
-                             reason=f"version {current.version} was activated meanwhile")
+                    why = f"version {current.version} was activated meanwhile"
+                    log.info("fleet_health_window_cut", release=rel.name, version=rel.version, reason=why)
+                    await self._close_watch(watch_id, rel, "superseded", message=why)
                     return "active"
-                # the release watcher reloaded the same release: watch the object that serves
+                # the release watcher (re)loaded the same release: watch the object that serves
                 policy, baseline = current, HealthSample()
-            verdict = judge(HealthSample.of(policy.stats).minus(baseline), self.rules, LATENCY_BUCKETS_US, old_p99)
-            if verdict is not None:
-                break
-            if self.has_newer is not None and self.has_newer(rel.kind, rel.name):
+            if policy is not None:
+                verdict = judge(HealthSample.of(policy.stats).minus(baseline), self.rules, LATENCY_BUCKETS_US,
+                                old_p99)
+                if verdict is not None:
+                    break
+            if self._newer_waiting(rel.kind, rel.name):
                 log.info("fleet_health_window_cut", release=rel.name, version=rel.version, reason="newer release")
+                await self._close_watch(watch_id, rel, "cut", message="a newer release arrived")
                 return "active"
-        window = HealthSample.of(policy.stats).minus(baseline).to_dict()
+        if policy is None:
+            window: dict[str, Any] = {}
+            verdict = ("health_not_loaded", f"{rel.name} v{rel.version} was not loaded within its health window "
+                       "after a restart (see the agent's recent errors)")
+        else:
+            window = HealthSample.of(policy.stats).minus(baseline).to_dict()
         if verdict is None:
             self.counters.healthy += 1
             log.info("fleet_release_healthy", release=rel.name, version=rel.version, window=window)
+            await self._close_watch(watch_id, rel, "healthy")
             return "active"
         code, why = verdict
         return await self._rollback_policy(rel, policy, old, status=status, code=code, why=why, shadow=shadow,
-                                    window=window)
+                                           window=window, watch_id=watch_id)
 
-    async def _rollback_policy(self, rel: Release, bad: Policy, old: Policy | None, *,
+    async def _still_active(self, rel: Release, watch_id: int) -> bool:
+        """Before a rollback: the watched release must still be the active one (not one installed by hand)."""
+        active = await run_blocking(self.releases.active, rel.kind, rel.name)
+        if active is not None and (active.version, active.sha256) == (rel.version, rel.sha256):
+            return True
+        await self._close_watch(watch_id, rel, "superseded",
+                                message=f"no longer active (v{active.version if active else None} is)")
+        return False
+
+    async def _rollback_policy(self, rel: Release, bad: Policy | None, old: Policy | None, *,
                                status: Callable[..., ReleaseStatus], code: str, why: str,
-                               shadow: dict[str, int], window: dict[str, Any]) -> str:
+                               shadow: dict[str, int], window: dict[str, Any], watch_id: int) -> str:
         log.warning("fleet_release_unhealthy", release=rel.name, version=rel.version, code=code, why=why, window=window)
+        if not await self._still_active(rel, watch_id):
+            return "active"
         try:
             restored = await self.releases.arollback(rel.kind, rel.name)
         except ReleaseStoreError as exc:
             # first release of this name: nothing to return to; keep it and say so
+            message = f"{why}; cannot roll back: {exc}"
             await self.reporter.report(status("active", code=code, shadow=shadow, active_version=rel.version,
-                                              message=f"{why}; cannot roll back: {exc}"))
+                                              message=message))
+            await self._close_watch(watch_id, rel, "kept", code=code, message=message)
             return "active"
         previous = old
         if previous is None or previous.version != restored.version:
             artifact = await self.releases.aartifact_bytes(restored.sha256)
             previous = await run_blocking(self.policy_loader, artifact, restored)
         self.policies.swap(rel.name, previous)
-        bad.close()
+        if bad is not None:
+            bad.close()
         self.counters.rolled_back += 1
         await self.reporter.report(status("rolled_back", code=code, message=why, shadow=shadow,
                                           active_version=restored.version))
+        await self._close_watch(watch_id, rel, "rolled_back", code=code, message=why)
         return "rolled_back"
 
     # -- modules ----------------------------------------------------------------------------------
     async def _swap_module(self, artifact: bytes, rel: Release, status: Callable[..., ReleaseStatus],
-                           started: float) -> str:
+                           started: float, *, previous_version: int | None = None, scope: str = "") -> str:
         runtime = self.modules
         if runtime is None:
             await self._retire(rel)
@@ -342,11 +456,14 @@ class SwapOrchestrator:
                                               "cannot be installed here"))
             return "rejected"
         previous = runtime.registry.get(rel.name)
+        # on record before the new version can run: a crash from here on resumes the window
+        watch_id = await self._open_watch(rel, previous_version=previous_version, scope=scope, shadow=None)
         try:
             # compiles off the loop (code cache), then swaps between runs (waits for the run in flight)
             await runtime.load_release(rel.name, rel.version, rel.sha256, artifact, dict(rel.predicate.raw))
             await self.releases.aactivate(rel.id)
         except (AgentError, wasmtime.WasmtimeError) as exc:
+            await self.releases.store.writer.run(watches.discard_job(watch_id))
             if previous is not None and (cur := runtime.registry.get(rel.name)) is not None \
                     and cur.version == rel.version:
                 await runtime.registry.swap(previous)
@@ -358,33 +475,62 @@ class SwapOrchestrator:
         self.counters.activated += 1
         self.counters.swap_ms.append((time.perf_counter() - started) * 1000)
         await self.reporter.report(status("active", active_version=rel.version))
+        return await self._watch_module(rel, runtime, status, watch_id)
+
+    async def _watch_module(self, rel: Release, runtime: ModuleRuntime, status: Callable[..., ReleaseStatus],
+                            watch_id: int) -> str:
+        """The health window of a module release: its failed runs (``module_runs``) since the window began.
+        Resumed after a restart, the module service loads it; one never loaded in the window is rolled back."""
         first_run_id = await run_blocking(_last_run_id, self.releases.store.path)
         deadline = time.monotonic() + self.rules.window_s
         verdict: tuple[str, str] | None = None
         sample = HealthSample()
+        loaded = False
         while time.monotonic() < deadline:
             await asyncio.sleep(max(HEALTH_POLL_S, 0.2))
             sample = await run_blocking(_module_window, self.releases.store.path, rel.name, rel.version, first_run_id)
             verdict = judge(sample, self.rules, LATENCY_BUCKETS_US, None)
-            if verdict is not None or (self.has_newer is not None and self.has_newer(rel.kind, rel.name)):
+            if verdict is not None:
                 break
+            current = runtime.registry.get(rel.name)
+            if current is not None and current.version != rel.version:
+                why = f"version {current.version} was activated meanwhile"
+                log.info("fleet_health_window_cut", kind="module", release=rel.name, version=rel.version, reason=why)
+                await self._close_watch(watch_id, rel, "superseded", message=why)
+                return "active"
+            loaded = loaded or current is not None
+            if self._newer_waiting(rel.kind, rel.name):
+                log.info("fleet_health_window_cut", kind="module", release=rel.name, version=rel.version,
+                         reason="newer release")
+                await self._close_watch(watch_id, rel, "cut", message="a newer release arrived")
+                return "active"
+        if verdict is None and not loaded and runtime.registry.get(rel.name) is None:
+            verdict = ("health_not_loaded", f"module {rel.name} v{rel.version} was not loaded within its health "
+                       "window after a restart (see the agent's recent errors)")
         if verdict is None:
             self.counters.healthy += 1
+            log.info("fleet_release_healthy", kind="module", release=rel.name, version=rel.version,
+                     window=sample.to_dict())
+            await self._close_watch(watch_id, rel, "healthy")
             return "active"
         code, why = verdict
         log.warning("fleet_release_unhealthy", kind="module", release=rel.name, version=rel.version, code=code,
                     why=why, window=sample.to_dict())
+        if not await self._still_active(rel, watch_id):
+            return "active"
         try:
             restored = await self.releases.arollback(rel.kind, rel.name)
         except ReleaseStoreError as exc:
-            await self.reporter.report(status("active", code=code, active_version=rel.version,
-                                              message=f"{why}; cannot roll back: {exc}"))
+            message = f"{why}; cannot roll back: {exc}"
+            await self.reporter.report(status("active", code=code, active_version=rel.version, message=message))
+            await self._close_watch(watch_id, rel, "kept", code=code, message=message)
             return "active"
         wasm = await self.releases.aartifact_bytes(restored.sha256)
         await runtime.load_release(restored.name, restored.version, restored.sha256, wasm,
                                    dict(restored.predicate.raw))
         self.counters.rolled_back += 1
         await self.reporter.report(status("rolled_back", code=code, message=why, active_version=restored.version))
+        await self._close_watch(watch_id, rel, "rolled_back", code=code, message=why)
         return "rolled_back"
 
     async def _retire(self, rel: Release) -> None:
