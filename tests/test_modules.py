@@ -323,6 +323,13 @@ def parse(doc: Any, **kw: Any) -> ModuleOutput:
     ({"telemetry": [{}] * 6}, "6 entries"),
     ({"state": "x" * 200}, "saved state is"),
     ({"actuations": {"topic": "a"}}, "must be a list"),
+    (b'\xef\xbb\xbf{"state": 1}', "BOM"),
+    ({"properties": [{"device": "d", "name": "n", "value": 1, "unit": "C"}]}, r"unknown keys \['unit'\]"),
+    ({"properties": [{"device": "d", "name": "x" * 5000, "value": 1, "type": "int"}]}, "name is 5000 characters"),
+    ({"properties": [{"device": "d", "name": "n", "value": "v" * 5000}]}, "value is 5000 characters"),
+    ({"properties": [{"device": 7, "name": "n", "value": 1, "type": "int"}]}, "device must be a string"),
+    ({"properties": [{"device": "d", "name": "n", "value": 1.5, "type": "integer"}]}, "not a valid integer"),
+    ({"properties": [{"device": "d", "name": "n", "value": 1, "type": "boolean"}]}, "not a valid boolean"),
 ])
 def test_output_validation_is_strict(raw: Any, needle: str) -> None:
     with pytest.raises(ModuleOutputInvalid, match=needle):
@@ -336,7 +343,14 @@ def test_valid_output_and_input_trimming() -> None:
                  "telemetry": [{"device": "d", "metric": "m", "value": 2}], "state": {"k": 1}})
     assert out.summary() == {"properties": 1, "actuations": 1, "events": 1, "telemetry": 1}
     assert out.state_set and out.state == {"k": 1}
-    assert not parse({}).state_set
+    assert out.state_json == '{"k":1}'  # measured against the limit, then stored as is
+    assert not parse({}).state_set and parse({}).state_json is None
+    assert parse({"state": None}).state_json == "null"
+    typed = parse({"properties": [{"device": "d", "name": "a", "value": True, "type": "boolean"},
+                                  {"device": "d", "name": "b", "value": 3, "type": "integer"},
+                                  {"device": "d", "name": "c", "value": ""}]}).properties
+    assert [(p.name, p.value, p.type) for p in typed] == [("a", True, "boolean"), ("b", 3, "integer"),
+                                                          ("c", "", "string")]
     readings = [{"device": "a/b", "metric": "t", "value": float(i), "wall": 1.0, "topic": "f/a/b/t"}
                 for i in range(100)]
     data, kept = build_input(make_trigger("manual", 0.0), readings, {}, None, 2000)  # type: ignore[arg-type]
@@ -443,3 +457,63 @@ def test_stdin_temp_file_fallback_and_oversized_input(tmp_path: Path, monkeypatc
     out, failed = asyncio.run(go())
     assert [a.payload["fan"] for a in out.actuations] == ["on"]
     assert failed.outcome == "input_invalid" and "config or saved state is too large" in str(failed)
+
+
+def _writer_wat(total: int, chunk: int, fd: int = 1, exit_code: int = 0) -> str:
+    """A command that writes ``total`` bytes ('a'…) to ``fd`` in writes of ``chunk`` bytes (errors ignored)."""
+    pages = max(1, -(-(chunk + 16) // 65536))
+    return f"""
+    (module
+      (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+      (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+      (memory (export "memory") {pages})
+      (func (export "_start")
+        (local $left i32) (local $n i32)
+        (memory.fill (i32.const 16) (i32.const 97) (i32.const {chunk}))
+        (local.set $left (i32.const {total}))
+        (block $done (loop $more
+          (br_if $done (i32.eqz (local.get $left)))
+          (local.set $n (select (local.get $left) (i32.const {chunk})
+                                (i32.lt_u (local.get $left) (i32.const {chunk}))))
+          (i32.store (i32.const 0) (i32.const 16)) (i32.store (i32.const 4) (local.get $n))
+          (drop (call $w (i32.const {fd}) (i32.const 0) (i32.const 1) (i32.const 8)))
+          (local.set $left (i32.sub (local.get $left) (local.get $n)))
+          (br $more)))
+        (if (i32.ne (i32.const {exit_code}) (i32.const 0)) (then (call $exit (i32.const {exit_code}))))))"""
+
+
+@pytest.mark.parametrize("memfd", [True, False])
+def test_stdout_cap_is_exact_for_every_write_pattern_and_sink(memfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output exactly at the cap passes, one byte over fails, however the guest splits its writes, with the
+    native memory-file sink and with the Python callback sink alike; a flood stays bounded."""
+    import wasmtime
+
+    from agent.runtime import runner as R
+    from agent.runtime.engine import shared_engine
+
+    if memfd and not R.MEMFD_OUTPUT:
+        pytest.skip("no memfd output sink on this platform")
+    monkeypatch.setattr(R, "MEMFD_OUTPUT", memfd)
+    engine = shared_engine()
+    runner = R.ModuleRunner(engine)
+    cap = 300_000
+
+    def run(total: int, chunk: int, fd: int = 1, exit_code: int = 0, limit: int = cap) -> R.RawRun:
+        wasm = bytes(wasmtime.wat2wasm(_writer_wat(total, chunk, fd, exit_code)))
+        return runner.execute(engine.compile(wasm), b"",
+                              R.Limits(deadline_s=5.0, memory_bytes=16 << 20, stdout_bytes=limit))
+
+    for chunk in (1000, 65536, 300_000, 400_000, 5 << 20):
+        ok = run(cap, min(chunk, cap))
+        assert ok.outcome == R.OK, (chunk, ok.error)
+        assert ok.stdout == b"a" * cap and ok.stdout_bytes == cap
+        over = run(cap + 1, chunk)
+        assert over.outcome == R.OUTPUT_TOO_LARGE, (chunk, over.outcome, over.error)
+        assert over.stdout_bytes > cap and over.stdout == b""
+    flood = run(64 << 20, 1 << 20)  # 64 MiB: refused writes, bounded memory, then a clean small run
+    assert flood.outcome == R.OUTPUT_TOO_LARGE and cap < flood.stdout_bytes <= cap + 1 + R._MemfdSink.SLACK
+    small = run(5, 5, limit=10)
+    assert (small.outcome, small.stdout) == (R.OK, b"aaaaa")  # only this run's bytes, none left from the flood
+    failed = run(3000, 700, fd=2, exit_code=4)
+    assert failed.outcome == R.EXIT and "stderr: aaa" in failed.error
+    assert 0 < len(failed.stderr) <= R.STDERR_KEPT and set(failed.stderr) == {"a"}  # kept, capped

@@ -22,12 +22,14 @@ from agent.control.pipeline import Pipeline
 from agent.control.settings import PipelineSettings
 from agent.messaging.bus import LocalBus
 from agent.messaging.ingest import Ingest
-from agent.policy.engine import load_policy
+from agent.policy.engine import encode_input, load_policy
 from agent.policy.registry import PolicyRegistry
+from agent.runtime.contract import Actuation, ModuleOutput, Property
 from agent.runtime.modules import ModuleRuntime
 from agent.runtime.settings import ModuleSettings
 from agent.storage import Store
 from tests.modules.support import example
+from tests.policies.build import build
 from tests.support.broker import Broker
 from tests.support.localbus import persistent_broker
 
@@ -238,3 +240,63 @@ def test_gate_verdict_reasons_say_why() -> None:
     assert verdict([{"result": {"allow": False, "reason": "night shift"}}], 1, "actuation").reason == "night shift"
     assert "unexpected shape" in verdict([{"result": 3}], 1, "actuation").reason
     assert "clamp bounds" in verdict([{"result": {"allow": True, "clamp": {"a": [1]}}}], {"a": 1}, "actuation").reason
+
+
+@pytest.mark.parametrize("result", [
+    {"allow": True, "mask": ""}, {"allow": True, "mask": 0}, {"allow": True, "mask": None},
+    {"allow": True, "clamp": []}, {"allow": True, "clamp": ""}, {"allow": True, "mask": "value"},
+])
+def test_a_malformed_modification_denies_even_when_empty(result: dict[str, Any]) -> None:
+    v = verdict([{"result": result}], {"value": 1}, "actuation")
+    assert (v.outcome, v.final) == ("deny", None)
+    assert "policy modification invalid" in v.reason
+
+
+def test_a_modification_changes_neither_the_request_nor_the_policy_result() -> None:
+    requested = {"fan": "on", "value": 36, "nested": {"secret": 1, "keep": [1, 2]}}
+    result_set = [{"result": {"allow": True, "mask": ["value", "nested.secret"], "clamp": {"nested.keep": [0, 1]},
+                              "payload": {"fan": "on", "value": 36, "nested": {"secret": 1, "keep": 5}}}}]
+    before = json.dumps([requested, result_set])
+    v = verdict(result_set, requested, "actuation")
+    assert (v.outcome, v.final) == ("modify", {"fan": "on", "nested": {"keep": 1}})
+    assert json.dumps([requested, result_set]) == before  # the audit record keeps what was asked and answered
+
+
+def _output(actuations: list[Actuation], properties: list[Property]) -> ModuleOutput:
+    return ModuleOutput(name="thermostat", version=4, trigger={"kind": "manual"}, actuations=actuations,
+                        properties=properties)
+
+
+def test_the_logged_decision_input_is_exactly_what_the_policy_evaluated(store: Store) -> None:
+    """The echo entrypoint answers with the input it parsed: the log's input and result must agree."""
+    registry = PolicyRegistry()
+    registry.swap("echo", load_policy(build("sandbox"), name="echo", version=2))
+    pipeline = Pipeline(store, PipelineSettings(policy_entrypoint="ok/echo"), "node-7", publisher=None,
+                        policies=registry)
+    payload = {"fan": "on", "note": "caf\u00e9 \u2028 \"q\"", "value": 36.25, "n": [1, None, True]}
+    handled = asyncio.run(pipeline.handle(_output([Actuation("actuators/l/p/fan", payload)],
+                                                  [Property("l/p", "temp", 36.25, "float")])))
+    assert [d.verdict.outcome for d in handled.decisions] == ["deny", "deny"]  # an echo is no verdict: fail closed
+    logged = rows(store, "SELECT subject, input, result, outcome FROM decisions ORDER BY id")
+    assert [r[0] for r in logged] == ["actuators/l/p/fan", "l/p/temp"]
+    for (_subject, input_text, result_text, outcome), d in zip(logged, handled.decisions, strict=True):
+        seen = json.loads(result_text)[0]["result"]
+        assert json.loads(input_text) == seen == d.input
+        assert input_text == encode_input(d.input).decode()  # one encoding: the bytes the policy was given
+        assert outcome == "deny"
+    assert json.loads(logged[0][1])["actuation"]["payload"] == payload
+    assert json.loads(logged[1][1])["property"] == {"device": "l/p", "name": "temp", "value": 36.25, "type": "float"}
+
+
+def test_gate_decisions_log_input_and_raw_result_and_publish_the_modified_payload(store: Store, gate: bytes) -> None:
+    registry = PolicyRegistry()
+    registry.swap("gate", load_policy(gate, name="gate", version=1))
+    pipeline = Pipeline(store, PipelineSettings(), "node", publisher=None, policies=registry)
+    payload = {"fan": "on", "device": "line1/press1", "value": 35.5}
+    handled = asyncio.run(pipeline.handle(_output([Actuation("actuators/line1/press1/fan", payload)], [])))
+    (d,) = handled.decisions
+    assert (d.verdict.outcome, d.verdict.final) == ("modify", {"fan": "on", "device": "line1/press1"})
+    assert payload == {"fan": "on", "device": "line1/press1", "value": 35.5}  # the module's request is untouched
+    ((input_text, result_text),) = rows(store, "SELECT input, result FROM decisions")
+    assert json.loads(input_text)["actuation"]["payload"] == payload
+    assert json.loads(result_text) == [{"result": {"allow": True, "reason": "fan command", "mask": ["value"]}}]

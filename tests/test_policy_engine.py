@@ -364,3 +364,26 @@ def test_a_policy_that_loops_while_loading_is_refused_not_hung(loop_in: str, mon
     with pytest.raises(PolicyLoadError) as info:
         load(bytes(wasm))
     assert "interrupt" in str(info.value).lower() or "did not finish within 0.2 s" in str(info.value)
+
+
+def test_pre_encoded_input_evaluates_like_the_value_and_bad_json_fails_the_evaluation() -> None:
+    from agent.policy.engine import encode_input
+
+    p = rbac()
+    for doc in RBAC_INPUTS:
+        assert p.evaluate_json(encode_input(doc)) == p.evaluate_raw(doc)
+    assert p.evaluate_json(None) == p.evaluate_raw(NO_INPUT)
+    echo = load(build("sandbox"))
+    text = encode_input({"a": [1, "\u00e9"]})
+    assert json.loads(echo.evaluate_json(text, "ok/echo")[1]) == [{"result": {"a": [1, "\u00e9"]}}]
+    with pytest.raises(PolicyEvalError):  # not JSON: the guest refuses it, the instance is replaced
+        echo.evaluate_json(b'{"a": ', "ok/echo")
+    assert echo.evaluate({"still": "alive"}, "ok/echo").value == {"still": "alive"}
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    for bad in ({"x": float("nan")}, {"x": object()}, cyclic):
+        with pytest.raises(PolicyEvalError) as err:
+            encode_input(bad)
+        assert err.value.code == "bad_input"
+    assert encode_input({"k": [1.5, None, True, "\u00e9\u2028"], 2: -0.0}) == \
+        json.dumps({"k": [1.5, None, True, "\u00e9\u2028"], 2: -0.0}, separators=(",", ":")).encode()

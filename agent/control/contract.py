@@ -92,6 +92,17 @@ def apply_clamp(doc: Any, bounds: dict[str, Any]) -> Any:
     return doc
 
 
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts, lists, scalars): several times cheaper than copy.deepcopy."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return copy.deepcopy(value)
+
+
 def verdict(result_set: Any, requested: Any, kind: str) -> Verdict:
     """Turn the policy's result set into allow / deny / modify with a reason."""
     if not isinstance(result_set, list) or not result_set:
@@ -110,18 +121,22 @@ def verdict(result_set: Any, requested: Any, kind: str) -> Verdict:
     if not result["allow"]:
         return Verdict("deny", reason_s or "policy denied", None)
     replace_key = "payload" if kind == "actuation" else "value"
-    final = copy.deepcopy(result[replace_key]) if replace_key in result else copy.deepcopy(requested)
-    try:
-        mask = result.get("mask", [])
-        if not isinstance(mask, list) or not all(isinstance(m, str) for m in mask):
-            raise OutputInvalid(f"mask must be a list of field paths, got {mask!r}")
-        final = apply_mask(final, mask)
-        clamp = result.get("clamp", {})
-        if not isinstance(clamp, dict):
-            raise OutputInvalid(f"clamp must be an object of field: [low, high], got {clamp!r}")
-        final = apply_clamp(final, clamp)
-    except OutputInvalid as exc:
-        return Verdict("deny", f"policy modification invalid ({exc}): denied", None)
+    final = result.get(replace_key, requested)
+    mask = result.get("mask", [])
+    clamp = result.get("clamp", {})
+    if mask or clamp or not isinstance(mask, list) or not isinstance(clamp, dict):
+        # only a modification (or a malformed one) mutates: copy first, so neither the module's request
+        # nor the policy's logged result change
+        final = _copy(final)
+        try:
+            if not isinstance(mask, list) or not all(isinstance(m, str) for m in mask):
+                raise OutputInvalid(f"mask must be a list of field paths, got {mask!r}")
+            final = apply_mask(final, mask)
+            if not isinstance(clamp, dict):
+                raise OutputInvalid(f"clamp must be an object of field: [low, high], got {clamp!r}")
+            final = apply_clamp(final, clamp)
+        except OutputInvalid as exc:
+            return Verdict("deny", f"policy modification invalid ({exc}): denied", None)
     if final != requested:
         return Verdict("modify", reason_s or "policy modified the request", final)
     return Verdict("allow", reason_s or "policy allowed", final)

@@ -6,6 +6,8 @@ This is ``ctx.components["pipeline"]`` and the module runtime's output sink. For
    evaluation is a bounded in-process Wasm call (the policy engine's epoch deadline caps it at
    ``[policy].eval_deadline_ms``; typical tens of µs), so it runs on the loop rather than paying a
    thread hop on the latency-critical path;
+   The input is JSON-encoded once: the policy evaluates those bytes and the decision log stores the
+   same text, next to the result set exactly as the policy wrote it;
 2. ONE write job stores every decision (input, raw result, outcome, reason), the allowed property
    values (latest per device/name), the events and the derived telemetry — the audit record exists
    before anything acts on the world;
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from agent.control.contract import Verdict, verdict
 from agent.control.settings import PipelineSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
+from agent.policy.engine import encode_input
 from agent.runtime.contract import ModuleOutput
 from agent.storage import Store
 
@@ -71,6 +75,8 @@ class Decided:
     item: Any
     decision_id: int = 0
     result_json: str | None = None  # the policy's own JSON text of ``result``, when it gave one
+    input_json: str | None = None  # the JSON text of ``input`` the policy evaluated, when it was asked
+    payload: bytes | None = None  # an allowed actuation's payload as published (encoded once, also recorded)
 
 
 @dataclass
@@ -81,11 +87,14 @@ class Handled:
     delivery: asyncio.Future[int] | None
 
 
+_compact = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(..., separators=) builds per call
+
+
 def encode_payload(payload: Any) -> bytes:
     """Strings are published verbatim; everything else as compact JSON."""
     if isinstance(payload, str):
         return payload.encode()
-    return json.dumps(payload, separators=(",", ":")).encode()
+    return _compact(payload).encode()
 
 
 def _property_text(value: Any) -> str:
@@ -93,7 +102,11 @@ def _property_text(value: Any) -> str:
         return value
     if isinstance(value, bool):
         return "true" if value else "false"
-    return json.dumps(value, separators=(",", ":"))
+    if type(value) is float and math.isfinite(value):
+        return float.__repr__(value)  # exactly what the JSON encoder writes for a finite float
+    if type(value) is int:
+        return int.__repr__(value)
+    return _compact(value)
 
 
 def _property_type(value: Any, declared: str) -> str:
@@ -152,21 +165,28 @@ class Pipeline:
                         requested if allowed else None)
             return Decided(kind, subject, inp, None, v, NO_POLICY, 0, item)
         text: bytes | None = None
+        blob: bytes | None = None
+        entrypoint = self.settings.policy_entrypoint
         try:
-            evaluate_raw = getattr(policy, "evaluate_raw", None)
-            if evaluate_raw is not None:
+            # the input is encoded once: the policy evaluates these bytes and the decision log stores
+            # them, so the logged input is exactly what the policy saw
+            blob = encode_input(inp)
+            evaluate_json = getattr(policy, "evaluate_json", None)
+            if evaluate_json is not None:
                 # the result set exactly as the policy wrote it: stored as is, not re-encoded per decision
-                rs, text = evaluate_raw(inp, self.settings.policy_entrypoint)
+                rs, text = evaluate_json(blob, entrypoint)
             else:
-                rs = policy.evaluate(inp, self.settings.policy_entrypoint)
+                rs = policy.evaluate(inp, entrypoint)
             raw = getattr(rs, "raw", rs)
         except AgentError as exc:
             log.error("gate_policy_failed", policy=policy.name, version=policy.version, error=str(exc),
                       code=exc.code, subject=subject)
             v = Verdict("deny", f"policy evaluation failed ({exc.code}): {exc}"[:500], None)
-            return Decided(kind, subject, inp, {"error": str(exc)[:500]}, v, policy.name, policy.version, item)
+            return Decided(kind, subject, inp, {"error": str(exc)[:500]}, v, policy.name, policy.version, item,
+                           input_json=blob.decode() if blob is not None else None)
         return Decided(kind, subject, inp, raw, verdict(raw, requested, kind), policy.name, policy.version, item,
-                       result_json=text.decode("utf-8", errors="replace") if text else None)
+                       result_json=text.decode("utf-8", errors="replace") if text else None,
+                       input_json=blob.decode())
 
     name = "pipeline"
 
@@ -245,6 +265,8 @@ class Pipeline:
         to_publish = [d for d in decided if d.kind == "actuation" and d.verdict.outcome != "deny"]
         if not to_publish:
             return Handled(decided, None)
+        for d in to_publish:
+            d.payload = encode_payload(d.verdict.final)
         # issue every publish now (in order: one MQTT session keeps QoS 1 order); PUBACKs and the
         # delivery record are awaited in the background so the next module run is not held up
         sends = [asyncio.ensure_future(self._publish(d)) for d in to_publish]
@@ -255,7 +277,7 @@ class Pipeline:
 
     async def _record_delivery(self, sent: list[Decided], sends: Sequence[Awaitable[str | None]]) -> int:
         results = await asyncio.gather(*sends)
-        rows = [(d.decision_id, d.subject, encode_payload(d.verdict.final).decode(errors="replace"),
+        rows = [(d.decision_id, d.subject, (d.payload or encode_payload(d.verdict.final)).decode(errors="replace"),
                  self.settings.actuation_qos, 0, "published" if err is None else "failed", err or "", time.time())
                 for d, err in zip(sent, results, strict=True)]
         try:
@@ -276,7 +298,8 @@ class Pipeline:
         if self.publisher is None:
             return "no local bus configured"
         try:
-            await self.publisher.publish(d.subject, encode_payload(d.verdict.final), qos=self.settings.actuation_qos,
+            payload = d.payload if d.payload is not None else encode_payload(d.verdict.final)
+            await self.publisher.publish(d.subject, payload, qos=self.settings.actuation_qos,
                                          puback_timeout_s=self.settings.publish_timeout_s)
         except AgentError as exc:
             log.warning("actuation_publish_failed", topic=d.subject, error=str(exc), decision_id=d.decision_id)
@@ -292,7 +315,9 @@ class Pipeline:
                     "INSERT INTO decisions (wall, boot_id, mono, policy_name, policy_version, entrypoint, input,"
                     " result, outcome, reason, subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (stamp.wall, stamp.boot_id, stamp.mono, d.policy_name, d.policy_version,
-                     self.settings.policy_entrypoint, json.dumps(d.input, separators=(",", ":")),
+                     self.settings.policy_entrypoint,
+                     d.input_json if d.input_json is not None else json.dumps(d.input, separators=(",", ":"),
+                                                                             default=repr),
                      d.result_json if d.result_json is not None else json.dumps(d.result, separators=(",", ":")),
                      d.verdict.outcome, d.verdict.reason, d.subject))
                 d.decision_id = int(cur.lastrowid or 0)
@@ -310,7 +335,7 @@ class Pipeline:
                     "INSERT INTO events (source, device, severity, name, data, wall, boot_id, mono)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (source, str(ev.get("device", ""))[:256], ev["severity"], str(ev.get("type", ""))[:256],
-                     json.dumps(ev, separators=(",", ":"))[:8192], stamp.wall, stamp.boot_id, stamp.mono))
+                     _compact(ev)[:8192], stamp.wall, stamp.boot_id, stamp.mono))
             if output.telemetry:
                 conn.executemany(
                     "INSERT INTO readings (topic, device, metric, value, payload, wall, boot_id, mono)"

@@ -57,7 +57,11 @@ _MEMCHR = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctyp
     _addr(_LIBC.memchr))
 _string_at = ctypes.string_at
 _unpack_i32 = struct.Struct("<I").unpack_from  # unsigned: addresses
-_memmove = ctypes.memmove
+# ctypes.memmove is a CFUNCTYPE: it drops and retakes the GIL around a copy of a few hundred bytes, and
+# under load retaking it means queueing behind the writer / module threads (measured: the input copy
+# cost as much loop time as the whole guest call). Copies this small never need to release the GIL.
+_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    _addr(ctypes.memmove))
 
 
 class OutputTooLarge(Exception):

@@ -94,6 +94,8 @@ class ModuleOutput:
     state: Any = None
     state_set: bool = False
     run_id: int | None = None
+    # the compact JSON of ``state`` as measured against the state limit: stored as is, not re-encoded
+    state_json: str | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict[str, int]:
         return {"properties": len(self.properties), "actuations": len(self.actuations),
@@ -114,7 +116,7 @@ def build_input(trigger: dict[str, Any], readings: list[Reading], config: dict[s
     kept = list(readings)
     while True:
         doc = {"trigger": trigger, "readings": kept, "config": config, "state": state}
-        data = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        data = _encode_input(doc).encode()
         if len(data) <= limit_bytes:
             return data, len(kept)
         if not kept:
@@ -122,6 +124,9 @@ def build_input(trigger: dict[str, Any], readings: list[Reading], config: dict[s
                               f"{limit_bytes}-byte limit: its config or saved state is too large "
                               "(raise [modules].input_limit_bytes or fix the module)", code="module_input_too_large")
         kept = kept[len(kept) // 2 + 1:] if len(kept) > 8 else kept[1:]
+
+
+_encode_input = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _text(where: str, value: Any, *, empty: bool = False) -> str:
@@ -146,29 +151,41 @@ def _list(doc: dict[str, Any], key: str, max_items: int) -> list[Any]:
     return value
 
 
+_PROPERTY_KEYS = frozenset({"device", "name", "value", "type"})
+
+
+def _short_text(value: Any) -> bool:
+    """The common case of :func:`_text` (a non-empty string within the limit), without building messages."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_STRING
+
+
 def _property(i: int, item: dict[str, Any]) -> Property:
     where = f"properties[{i}]"
-    unknown = set(item) - {"device", "name", "value", "type"}
-    if unknown:
-        raise ModuleOutputInvalid(f"{where} has unknown keys {sorted(unknown)}")
+    if not _PROPERTY_KEYS.issuperset(item):
+        raise ModuleOutputInvalid(f"{where} has unknown keys {sorted(set(item) - _PROPERTY_KEYS)}")
     ptype = item.get("type", "string")
     if ptype not in PROPERTY_TYPES:
         raise ModuleOutputInvalid(f"{where}.type must be one of {', '.join(PROPERTY_TYPES)}, got {ptype!r}")
     value = item.get("value")
-    ok = {
-        "string": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "float": _finite(value),
-        "boolean": isinstance(value, bool),
-    }[ptype]
+    if ptype == "string":
+        ok = isinstance(value, str)
+    elif ptype == "float":
+        ok = _finite(value)
+    elif ptype == "boolean":
+        ok = isinstance(value, bool)
+    else:  # int / integer
+        ok = isinstance(value, int) and not isinstance(value, bool)
     if not ok:
         raise ModuleOutputInvalid(f"{where}.value {value!r} is not a valid {ptype}")
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) > MAX_STRING:
         _text(f"{where}.value", value, empty=True)
     checked: str | int | float | bool = value  # type: ignore[assignment]  # checked by `ok` above
-    return Property(device=_text(f"{where}.device", item.get("device")), name=_text(f"{where}.name", item.get("name")),
-                    value=checked, type=ptype)
+    device, name = item.get("device"), item.get("name")
+    if not _short_text(device):
+        _text(f"{where}.device", device)
+    if not _short_text(name):
+        _text(f"{where}.name", name)
+    return Property(device=device, name=name, value=checked, type=ptype)  # type: ignore[arg-type]  # checked
 
 
 def _actuation(i: int, item: dict[str, Any]) -> Actuation:
@@ -212,6 +229,10 @@ def _reject_constant(token: str) -> Any:
     raise ModuleOutputInvalid(f"output contains {token}, which is not valid JSON")
 
 
+# one decoder for every run (json.loads with a keyword argument builds a new decoder per call)
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def parse_output(raw: bytes, *, name: str, version: int, trigger: dict[str, Any], max_items: int,
                  state_limit_bytes: int) -> ModuleOutput:
     """Validate a module's stdout bytes into a :class:`ModuleOutput`, or raise :class:`ModuleOutputInvalid`."""
@@ -222,7 +243,9 @@ def parse_output(raw: bytes, *, name: str, version: int, trigger: dict[str, Any]
     if not text.strip():
         raise ModuleOutputInvalid("the module wrote nothing on stdout (expected one JSON object)")
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # what json.loads says about a BOM
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        doc = _decode(text)
     except RecursionError:
         raise ModuleOutputInvalid("stdout JSON is nested too deeply") from None
     except json.JSONDecodeError as exc:
@@ -236,8 +259,10 @@ def parse_output(raw: bytes, *, name: str, version: int, trigger: dict[str, Any]
         raise ModuleOutputInvalid(f"output has unknown keys {sorted(unknown)} (allowed: {', '.join(OUTPUT_KEYS)})")
     state_set = "state" in doc
     state = doc.get("state")
+    state_json = None
     if state_set:
-        size = len(json.dumps(state, separators=(",", ":")).encode())
+        state_json = json.dumps(state, separators=(",", ":"))
+        size = len(state_json)  # ASCII (ensure_ascii): characters = bytes
         if size > state_limit_bytes:
             raise ModuleOutputInvalid(f"saved state is {size} bytes (limit {state_limit_bytes})")
     return ModuleOutput(
@@ -246,5 +271,5 @@ def parse_output(raw: bytes, *, name: str, version: int, trigger: dict[str, Any]
         actuations=[_actuation(i, a) for i, a in enumerate(_list(doc, "actuations", max_items))],
         events=[_event(i, e) for i, e in enumerate(_list(doc, "events", max_items))],
         telemetry=[_telemetry(i, t) for i, t in enumerate(_list(doc, "telemetry", max_items))],
-        state=state, state_set=state_set,
+        state=state, state_set=state_set, state_json=state_json,
     )

@@ -308,7 +308,8 @@ class ModuleRuntime:
         outputs = json.dumps(summary) if summary is not None else ""
         state_json = None
         if output is not None and output.state_set:
-            state_json = json.dumps(output.state, separators=(",", ":"))
+            state_json = output.state_json if output.state_json is not None else \
+                json.dumps(output.state, separators=(",", ":"))
 
         def job(db: sqlite_utils.Database) -> int:
             cur = db.execute(
