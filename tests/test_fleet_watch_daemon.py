@@ -15,7 +15,16 @@ import pytest
 
 from agent.fleet.watches import Watch, all_watches
 from tests.support.broker import Broker
-from tests.support.fleet import NAME, FleetWorld, async_test, custom_section, fleet_world, manager, sandbox_wasm
+from tests.support.fleet import (
+    NAME,
+    FleetWorld,
+    Manager,
+    async_test,
+    custom_section,
+    fleet_world,
+    manager,
+    sandbox_wasm,
+)
 from tests.support.procs import AgentProcess, agent_process, status_json
 from tests.support.releases import install
 
@@ -104,6 +113,14 @@ def prepare(world: FleetWorld, state: Path) -> bytes:
     return custom_section(wasm, "v", b"2")
 
 
+async def activate_v2(agent: AgentProcess, mgr: Manager, world: FleetWorld, v2: bytes) -> None:
+    """The running agent gets v2 from the fleet manager and activates it: its health window opens."""
+    await asyncio.to_thread(agent.wait_ready)
+    await mgr.wait_for(lambda: mgr.presence.get(NODE) == "online", 30)
+    await mgr.push("all", v2, world.sign(v2, 2, entrypoints=["ok/echo"]), "policy", NAME, 2)
+    await mgr.wait_state(NODE, 2, "active", limit_s=60)
+
+
 @async_test
 async def test_a_window_open_at_sigkill_resumes_after_the_restart_and_ends_healthy(
         world: FleetWorld, broker: Broker, tmp_path: Path) -> None:
@@ -114,10 +131,7 @@ async def test_a_window_open_at_sigkill_resumes_after_the_restart_and_ends_healt
     config = write_config(world, broker, tmp_path, health_window_s=60.0, max_starts_in_health_window=2)
     async with manager(world) as mgr:
         with agent_process(state, config) as agent:
-            await asyncio.to_thread(agent.wait_ready)
-            await mgr.wait_for(lambda: mgr.presence.get(NODE) == "online", 30)
-            await mgr.push("all", v2, world.sign(v2, 2, entrypoints=["ok/echo"]), "policy", NAME, 2)
-            await mgr.wait_state(NODE, 2, "active", limit_s=60)
+            await activate_v2(agent, mgr, world, v2)
             assert await asyncio.to_thread(agent.kill) == -9
         (watch,) = watches_in(state)
         assert (watch.version, watch.previous_version, watch.state, watch.starts) == (2, 1, "open", 0), \
@@ -158,10 +172,7 @@ async def test_a_crash_loop_inside_the_window_is_rolled_back_before_the_release_
     config = write_config(world, broker, tmp_path, health_window_s=60.0, max_starts_in_health_window=1)
     async with manager(world) as mgr:
         with agent_process(state, config) as agent:
-            await asyncio.to_thread(agent.wait_ready)
-            await mgr.wait_for(lambda: mgr.presence.get(NODE) == "online", 30)
-            await mgr.push("all", v2, world.sign(v2, 2, entrypoints=["ok/echo"]), "policy", NAME, 2)
-            await mgr.wait_state(NODE, 2, "active", limit_s=60)
+            await activate_v2(agent, mgr, world, v2)
             assert await asyncio.to_thread(agent.stop) == 0  # a planned restart (SIGTERM)...
         with agent_process(state, config) as agent:  # ...does not count: the window just runs again
             await asyncio.to_thread(agent.wait_ready)
