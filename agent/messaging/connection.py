@@ -90,6 +90,8 @@ class MqttConnection(asyncio.Protocol):
         """Handle a bounded number of packets; if more are buffered, stop reading the socket and
         continue in a later loop turn, behind whatever is ready (commits, acks, actuations)."""
         self._more_scheduled = False
+        if self.closed.done():  # dropped meanwhile: what is still buffered comes again on the next link
+            return
         try:
             packets = self._decoder.packets(PACKETS_PER_TURN)
             for packet in packets:
