@@ -34,7 +34,10 @@ SCHEMA = "edge-agent.status/v1"
 @dataclass
 class Report:
     data: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # the agent is not doing its job: unhealthy
+    # worth a look, but the agent is doing its job (e.g. a fleet rollback it already handled, a cloud-side
+    # misconfiguration, a forecast): a status that cries wolf teaches technicians to ignore it
+    warnings: list[str] = field(default_factory=list)
 
 
 Section = Callable[[sqlite3.Connection, AgentConfig, Report], None]
@@ -142,7 +145,8 @@ def collect(config: AgentConfig) -> dict[str, Any]:
                     report.problems.append(f"status section '{section.__name__}' unavailable: {exc}")
         finally:
             conn.close()
-    return {"schema": SCHEMA, "healthy": not report.problems, "problems": report.problems, **report.data}
+    return {"schema": SCHEMA, "healthy": not report.problems, "problems": report.problems,
+            "warnings": report.warnings, **report.data}
 
 
 def _agent_basics(config: AgentConfig) -> dict[str, Any]:

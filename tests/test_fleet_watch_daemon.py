@@ -203,7 +203,7 @@ async def test_a_crash_loop_inside_the_window_is_rolled_back_before_the_release_
             assert (rb["release"], rb["version"], rb["starts"], rb["restored"]) == (NAME, 2, 2, 1)
             _code, report = await asyncio.to_thread(status_json, state, config)
             assert report["fleet_watches"] == []
-            (problem,) = [p for p in report["problems"] if "rolled back" in p]  # type: ignore[attr-defined]
+            (problem,) = [p for p in report["warnings"] if "rolled back" in p]  # type: ignore[attr-defined]
             assert "gate v2 was rolled back to v1: crash_loop: the agent restarted 2 time(s)" in problem
             # the retained v2 is redelivered on every connect: recognised as handled, never re-installed
             await mgr.wait_for(lambda: mgr.presence.get(NODE) == "online", 30)

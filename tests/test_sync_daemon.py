@@ -84,7 +84,7 @@ def test_daemon_syncs_twins_drains_decisions_and_reports_status(broker: Broker, 
                         if devices.get("default/line2-drill", {}).get("bound") is False:
                             break
                         await asyncio.sleep(0.2)
-                assert any("line2-drill is not bound to node demo-node" in p for p in report["problems"])
+                assert any("line2-drill is not bound to node demo-node" in p for p in report["warnings"])
                 audit = next(c for c in report["outbox"]["classes"] if c["class"] == "audit")
                 assert audit["sent"] == 3
                 links = {lk["name"]: lk["state"] for lk in report["links"]}

@@ -26,9 +26,13 @@ def pairs(rows: Sequence[tuple[str, Any]]) -> str:
 def render(report: dict[str, Any]) -> str:
     out: list[str] = []
     health = "HEALTHY" if report["healthy"] else "UNHEALTHY"
-    out.append(f"edge-agent status: {health}\n")
+    warnings = report.get("warnings", [])
+    note = f" ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})" if warnings else ""
+    out.append(f"edge-agent status: {health}{note}\n")
     for problem in report.get("problems", []):
         out.append(f"  ! {problem}\n")
+    for warning in warnings:
+        out.append(f"  ~ {warning}\n")
     d = report.get("daemon", {})
     a = report.get("agent", {})
     out.append("\nDaemon\n")

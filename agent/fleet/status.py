@@ -35,7 +35,8 @@ def fleet_section(conn: sqlite3.Connection, config: AgentConfig, report: Report)
                       "shadow": f"{shadow.get('changed')}/{shadow.get('evaluated')} changed" if shadow else "",
                       "reason": reason[:160], "at": iso(updated)})
         if state == "rolled_back":
-            report.problems.append(f"{kind} {name} v{version} was rolled back to v{doc.get('active_version')}: "
+            # the agent handled it and runs the previous version: the fleet manager must look, it need not
+            report.warnings.append(f"{kind} {name} v{version} was rolled back to v{doc.get('active_version')}: "
                                    f"{reason}")
         elif state == "active" and doc.get("code"):  # unhealthy, but there was nothing to roll back to
             report.problems.append(f"{kind} {name} v{version} is unhealthy and still runs: {reason}")

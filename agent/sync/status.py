@@ -86,7 +86,7 @@ def outbox_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
         report.problems.append(f"outbox holds {held} bytes, over its budget of {budget} bytes: only control and "
                                "audit records are left and they are never dropped; restore the uplink")
     elif fc["time_to_full_s"] is not None and fc["time_to_full_s"] < 3 * 86_400 and held > budget / 2:
-        report.problems.append(f"outbox will be full in about {fc['time_to_full_s'] / 3600:.0f} h at the current "
+        report.warnings.append(f"outbox will be full in about {fc['time_to_full_s'] / 3600:.0f} h at the current "
                                "rate; telemetry will then be downsampled")
 
 
@@ -104,7 +104,7 @@ def kubeedge_section(conn: sqlite3.Connection, config: AgentConfig, report: Repo
     report.data["kubeedge_devices"] = devices
     for dev in devices:
         if dev.get("bound") is False:
-            report.problems.append(f"KubeEdge device {dev['device_id']} is not bound to node {data.get('node')}: "
+            report.warnings.append(f"KubeEdge device {dev['device_id']} is not bound to node {data.get('node')}: "
                                    "EdgeCore rejects its twins (404); set Device.spec.nodeName in the cloud")
         elif dev.get("state") == "failing":
             report.problems.append(f"KubeEdge twin sync of {dev['device_id']} fails: {dev.get('error')}")
