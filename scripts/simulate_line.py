@@ -44,6 +44,8 @@ async def run(args: argparse.Namespace) -> int:
     in_flight = asyncio.Semaphore(args.in_flight)
     pending: set[asyncio.Task[None]] = set()
 
+    lost = asyncio.Event()  # the broker went away: reconnect, as a real sensor gateway does
+
     async def publish(client: aiomqtt.Client, topic: str, payload: bytes) -> None:
         nonlocal acked
         try:
@@ -51,44 +53,54 @@ async def run(args: argparse.Namespace) -> int:
             acked += 1
         except aiomqtt.MqttError as exc:
             print(f"simulate_line: publish to {topic} failed: {exc}", file=sys.stderr)
+            lost.set()
         finally:
             in_flight.release()
 
-    async with aiomqtt.Client(args.host, args.port, identifier=args.client_id,
-                              max_inflight_messages=args.in_flight) as client:
-        i = 0
-        while not stop.is_set():
-            if args.count and sent >= args.count:
-                break
-            if args.duration and time.monotonic() - start >= args.duration:
-                break
-            ln, s = devices[i % len(devices)]
-            t = time.monotonic() - start
-            if args.malformed_every and sent and sent % args.malformed_every == 0:
-                topic, payload = f"factory/line{ln}/press{s}/temp", MALFORMED[malformed % len(MALFORMED)]
-                malformed += 1
-            elif i % 5 == 4:
-                topic = f"factory/line{ln}/press{s}"
-                payload = json.dumps({"rpm": round(1200 + rng.gauss(0, 15)), "pressure": round(
-                    6 + rng.gauss(0, 0.1), 2)}).encode()
-            else:
-                topic = f"factory/line{ln}/press{s}/temp"
-                payload = json.dumps(reading(ln, s, t, args.period, rng)).encode()
-            await in_flight.acquire()
-            task = asyncio.create_task(publish(client, topic, payload))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            sent += 1
-            i += 1
-            if interval:
-                delay = start + sent * interval - time.monotonic()
-                if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
-            if args.verbose and sent % max(1, int(args.rate or 100) * 5) == 0:
-                print(f"simulate_line: sent {sent}, acked {acked}, malformed {malformed}", flush=True)
-        if pending:
-            await asyncio.wait(pending, timeout=15)
+    def done() -> bool:
+        return stop.is_set() or bool(args.count and sent >= args.count) or bool(
+            args.duration and time.monotonic() - start >= args.duration)
+
+    i = 0
+    while not done():
+        lost.clear()
+        try:
+            async with aiomqtt.Client(args.host, args.port, identifier=args.client_id,
+                                      max_inflight_messages=args.in_flight) as client:
+                client.pending_calls_threshold = 10_000
+                while not done() and not lost.is_set():
+                    ln, s = devices[i % len(devices)]
+                    t = time.monotonic() - start
+                    if args.malformed_every and sent and sent % args.malformed_every == 0:
+                        topic, payload = f"factory/line{ln}/press{s}/temp", MALFORMED[malformed % len(MALFORMED)]
+                        malformed += 1
+                    elif i % 5 == 4:
+                        topic = f"factory/line{ln}/press{s}"
+                        payload = json.dumps({"rpm": round(1200 + rng.gauss(0, 15)), "pressure": round(
+                            6 + rng.gauss(0, 0.1), 2)}).encode()
+                    else:
+                        topic = f"factory/line{ln}/press{s}/temp"
+                        payload = json.dumps(reading(ln, s, t, args.period, rng)).encode()
+                    await in_flight.acquire()
+                    task = asyncio.create_task(publish(client, topic, payload))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                    sent += 1
+                    i += 1
+                    if interval:
+                        delay = start + sent * interval - time.monotonic()
+                        if delay > 0:
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(stop.wait(), delay)
+                    if args.verbose and sent % max(1, int(args.rate or 100) * 5) == 0:
+                        print(f"simulate_line: sent {sent}, acked {acked}, malformed {malformed}", flush=True)
+                if pending:
+                    await asyncio.wait(pending, timeout=15)
+        except aiomqtt.MqttError as exc:
+            print(f"simulate_line: broker {args.host}:{args.port} unavailable ({exc}); retrying", file=sys.stderr)
+        if not done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
     print(json.dumps({"sent": sent, "acked": acked, "malformed": malformed,
                       "seconds": round(time.monotonic() - start, 2)}))
     return 0 if acked == sent else 1
