@@ -30,6 +30,13 @@ class StorageError(AgentError):
     code = "storage_error"
 
 
+class StorageFull(StorageError):
+    """The state disk is full: nothing more can be written until space is freed. Transient by nature:
+    what waits on it retries (the broker keeps unacknowledged readings) instead of giving up."""
+
+    code = "storage_full"
+
+
 class DatabaseCorrupt(StorageError):
     """The database failed its integrity check; it was moved aside."""
 

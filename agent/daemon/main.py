@@ -22,7 +22,7 @@ from agent.daemon.lock import StateLock
 from agent.daemon.notify import Notifier
 from agent.daemon.services import build_services
 from agent.daemon.supervisor import ServiceDied, Supervisor
-from agent.errors import AgentError
+from agent.errors import AgentError, StorageFull
 from agent.logs import configure, get_logger
 from agent.storage import Store
 
@@ -30,6 +30,8 @@ log = get_logger("daemon")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+DISK_FULL_RETRY_S = 2.0
+DISK_FULL_RETRY_MAX_S = 60.0
 
 
 class Daemon:
@@ -89,7 +91,12 @@ class Daemon:
             lock.release()
 
     async def _serve(self, ctx: Context) -> int:
-        ctx.previous_end = await ctx.store.writer.run(started_job(ctx.config.agent.heartbeat_interval_s))
+        try:
+            ctx.previous_end = await ctx.store.writer.run(started_job(ctx.config.agent.heartbeat_interval_s))
+        except StorageFull as exc:
+            # start anyway: the broker keeps what cannot be stored, and once space is freed everything
+            # resumes by itself; dying here would only let the service manager give up on us
+            log.error("daemon_start_not_recorded", error=str(exc), code=exc.code)
         if ctx.store.corrupt is not None:
             log.error("database_was_corrupt", error=str(ctx.store.corrupt))
         if self._stop.is_set():  # SIGTERM while the database was being checked: don't start anything
@@ -100,7 +107,7 @@ class Daemon:
         except Exception as exc:  # a service that cannot even be built: record it, stop as failed
             return await self._shutdown(ctx, {}, None, exc)
         self._services = services
-        tasks = {svc.name: asyncio.create_task(svc.run(), name=svc.name) for svc in services}
+        tasks = {svc.name: asyncio.create_task(self._run_service(ctx, svc), name=svc.name) for svc in services}
         supervisor = Supervisor(ctx, tasks)
         await asyncio.sleep(0)  # let every service start before declaring readiness
         try:
@@ -129,6 +136,22 @@ class Daemon:
             except ServiceDied as exc:
                 failure = exc
         return await self._shutdown(ctx, tasks, sup_task, failure)
+
+    @staticmethod
+    async def _run_service(ctx: Context, svc: Service) -> None:
+        """Run a service; if it ends on a full disk, start it again after a pause instead of failing the
+        daemon: a failed daemon is restarted only a few times by systemd and then left down, even after
+        the disk has been cleaned. Any other ending is the supervisor's business, as before."""
+        pause = DISK_FULL_RETRY_S
+        while True:
+            try:
+                await svc.run()
+                return
+            except StorageFull as exc:
+                log.error("service_waiting_for_disk", service=svc.name, error=str(exc), retry_in_s=pause)
+                ctx.set_status(svc.name, "waiting: the state disk is full")
+                await asyncio.sleep(pause)
+                pause = min(DISK_FULL_RETRY_MAX_S, pause * 2)
 
     async def _shutdown(self, ctx: Context, tasks: dict[str, asyncio.Task[None]],
                         sup_task: asyncio.Task[None] | None, failure: BaseException | None) -> int:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from agent.errors import StorageError
+from agent.errors import StorageError, StorageFull
 from agent.logs import get_logger
 from agent.storage.db import connect_writer
 
@@ -31,6 +31,15 @@ Job = Callable[[sqlite_utils.Database], Any]
 WriteJob = Callable[[sqlite_utils.Database], None]
 _STOP = object()
 
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    """SQLITE_FULL anywhere in the chain (a job's error may have taken the transaction with it)."""
+    while exc is not None:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(exc):
+            return True
+        exc = exc.__cause__
+    return False
 
 class _BatchLost(Exception):
     """The transaction of a batch ended inside a job; nothing of the batch can be trusted as stored."""
@@ -180,7 +189,12 @@ class Writer:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             log.error("db_commit_failed", error=str(exc), jobs=len(live), path=str(self.path))
-            err = StorageError(f"{self.path}: commit failed ({exc}); nothing of this write was stored")
+            err: StorageError
+            if _disk_full(exc):
+                err = StorageFull(f"{self.path}: the disk is full, nothing of this write was stored; free space "
+                                  f"on {self.path.parent} (the agent resumes by itself)")
+            else:
+                err = StorageError(f"{self.path}: commit failed ({exc}); nothing of this write was stored")
             for _, fut in live:
                 fut.set_exception(err)
             return

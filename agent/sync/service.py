@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from agent import clock
+from agent.errors import StorageError
 from agent.logs import get_logger
 from agent.offload import run_blocking
 from agent.storage import Store
@@ -23,6 +24,7 @@ from agent.sync.settings import OutboxSettings
 log = get_logger("outbox")
 
 PULL_INTERVAL_S = 1.0
+MAX_BACKOFF_S = 60.0
 
 
 class OutboxService:
@@ -52,9 +54,19 @@ class OutboxService:
 
     async def run(self) -> None:
         last_expiry = 0.0
+        backoff = 0.0
         while True:
             due = time.monotonic() - last_expiry >= self.settings.maintenance_interval_s
-            await self.tick(due)
+            try:
+                await self.tick(due)
+            except StorageError as exc:
+                # a full disk (or a failing one) is not a reason to stop the daemon: nothing was
+                # copied or deleted (the cursors moved in the same transactions), so just try again later
+                backoff = min(MAX_BACKOFF_S, max(PULL_INTERVAL_S, backoff * 2))
+                log.error("outbox_maintenance_failed", error=str(exc), code=exc.code, retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.0
             if due:
                 last_expiry = time.monotonic()
             await asyncio.sleep(PULL_INTERVAL_S)
