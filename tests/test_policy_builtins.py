@@ -105,3 +105,47 @@ def test_registry_interface_for_agent_builtins() -> None:
     fn = reg.get("agent.state")
     assert fn is not None and fn(BuiltinContext(now_ns=0), "missing") is UNDEFINED
     assert "sprintf" in list(reg)
+
+
+@pytest.mark.parametrize(("pattern", "text", "want"), [
+    ("[,;]\\s*", "a, b;c", ["a", "b", "c"]),
+    ("\\s*,\\s*", "a , b,c  ,d", ["a", "b", "c", "d"]),  # two quantifiers, split by a literal they cannot match
+    ("\\r?\\n", "l1\r\nl2\nl3", ["l1", "l2", "l3"]),
+    ("\\d{1,3}\\.", "10.0.7", ["", "", "7"]),
+    ("[^/]+/", "a/b/c", ["", "", "c"]),
+    ("x", "", [""]),
+])
+def test_regex_split_accepts_linear_enough_patterns(pattern: str, text: str, want: list[str]) -> None:
+    assert call("regex.split", pattern, text) == want
+
+
+@pytest.mark.parametrize(("pattern", "why"), [
+    ("(a+)+b", "inside a repeating quantifier"),        # exponential: nested quantifiers
+    ("(?:a?a?)*b", "inside a repeating quantifier"),
+    ("(a|aa)+b", "alternation inside a repeating"),      # exponential: overlapping alternatives
+    ("(\\r\\n|\\n)+", "alternation inside a repeating"),
+    ("a*a*b", "two repeating quantifiers"),              # cubic: adjacent overlapping quantifiers
+    ("\\s*\\s*x", "two repeating quantifiers"),
+    (".*,.*b", "two repeating quantifiers"),             # the separator is matched by the first .*
+    ("(a*),(b*)", "inside groups"),
+    ("a?" * 9 + "a" * 9, "over the limit of 8"),         # 2^n ways to place the optional a's
+    ("(?=a)b", "not RE2 syntax"),                        # Go's regexp refuses these too
+    ("(a)\\1", "not RE2 syntax"),
+    ("x" * 1025, "over the 1024-character limit"),
+])
+def test_regex_split_refuses_patterns_that_backtrack_badly(pattern: str, why: str) -> None:
+    """Python's re backtracks, has no timeout and holds the GIL: the pattern is screened up front."""
+    with pytest.raises(BuiltinError) as err:
+        call("regex.split", pattern, "a" * 64)
+    assert why in str(err.value)
+
+
+def test_regex_split_caps_its_input_and_caches_the_compiled_pattern() -> None:
+    from agent.policy.builtins import REGEX_MAX_TEXT
+    ctx = BuiltinContext(now_ns=0)
+    assert call("regex.split", "a*b", "a" * REGEX_MAX_TEXT, ctx=ctx) == ["a" * REGEX_MAX_TEXT]  # worst accepted case
+    with pytest.raises(BuiltinError, match="over the 8192-character limit"):
+        call("regex.split", ",", "," * (REGEX_MAX_TEXT + 1), ctx=ctx)
+    assert ("regex.split", "a*b") in ctx.cache and ("regex.split", ",") in ctx.cache
+    with pytest.raises(BuiltinError, match="invalid pattern"):
+        call("regex.split", "(", "x")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import hashlib
+import importlib
 import json
 import math
 import re
@@ -387,12 +388,109 @@ def semver_compare(_ctx: BuiltinContext, a: Any, b: Any) -> Any:
     return 0 if len(pa) == len(pb) else (-1 if len(pa) < len(pb) else 1)
 
 
-def regex_split(_ctx: BuiltinContext, pattern: Any, s: Any) -> Any:
+# -- regex.split: bounded work on Python's backtracking ``re`` ------------------------------------
+# OPA runs Go's RE2 (linear time). Python's ``re`` backtracks, has no timeout and holds the GIL while
+# matching, so a pathological pattern stalls the whole agent (the evaluation deadline can only fail it
+# afterwards). Measured on the 2-vCPU dev VM: (a+)+b on 22 chars 0.24 s; a*a*b on 4 000 chars 6.9 s;
+# even a*b over 65 536 chars 1.3 s (finditer retries at every position: quadratic). So regex.split
+# accepts only patterns whose backtracking is at most quadratic, on a capped input:
+#   * RE2 syntax only: no backreferences, lookaround or conditionals (Go's regexp refuses them too);
+#   * no repeating quantifier (*, +, {m,n} with n > 1) over something that itself has a quantifier or
+#     an alternation ((a+)+, (a?a?)*, (a|ab)*; a character class like [ab]* is fine);
+#   * several repeating quantifiers only in the top-level sequence, each pair separated by a required
+#     literal the earlier one cannot match (\s*,\s* is fine; a*a*b and .*,.*b are not);
+#   * at most REGEX_MAX_QUANTIFIERS quantifiers, and pattern and input within the size caps.
+# With REGEX_MAX_TEXT the worst accepted case (a*b over 8 KiB of "a") takes ~20 ms here.
+REGEX_MAX_PATTERN = 1024
+REGEX_MAX_TEXT = 8 * 1024
+REGEX_MAX_QUANTIFIERS = 8  # each ambiguous ? can double the work: a?a?a?…aaa is the textbook case
+
+try:  # the stdlib's own regex parser and compiler (private modules, present in 3.11-3.13)
+    _re_compiler: Any = importlib.import_module("re._compiler")
+    _re_c: Any = importlib.import_module("re._constants")
+    _re_parser: Any = importlib.import_module("re._parser")
+    _REPEATS = (_re_c.MAX_REPEAT, _re_c.MIN_REPEAT, _re_c.POSSESSIVE_REPEAT)
+    _NOT_RE2 = (_re_c.GROUPREF, _re_c.GROUPREF_EXISTS, _re_c.ASSERT, _re_c.ASSERT_NOT)
+    _GROUPS = (_re_c.SUBPATTERN, _re_c.ATOMIC_GROUP)
+    _REGEX_SCREEN = True
+except (ImportError, AttributeError):  # pragma: no cover - a Python without them: only the size caps apply
+    _REGEX_SCREEN = False
+
+
+def _regex_refuse(why: str) -> BuiltinError:
+    return BuiltinError(f"regex.split: pattern refused: {why} (Python's regex engine backtracks; "
+                        "rewrite the pattern, e.g. split on a literal and trim)")
+
+
+def _regex_walk(items: Any, inside_repeat: bool) -> tuple[int, int]:
+    """Check a parsed (sub)pattern: returns (quantifiers, repeating quantifiers, i.e. max > 1)."""
+    quantifiers = repeating = 0
+    for op, av in items:
+        if op in _NOT_RE2:
+            raise _regex_refuse("backreferences, lookaround and conditionals are not RE2 syntax")
+        if op in _REPEATS:
+            if inside_repeat:  # even ?: (?:a?a?)* matches a run of a's in exponentially many ways
+                raise _regex_refuse("a quantifier inside a repeating quantifier (like (a+)+ or (a?b?)*)")
+            q, r = _regex_walk(av[2], av[1] > 1)
+            quantifiers += 1 + q
+            repeating += (av[1] > 1) + r
+        elif op is _re_c.BRANCH:
+            if inside_repeat:
+                raise _regex_refuse("an alternation inside a repeating quantifier (like (a|ab)*)")
+            for alt in av[1]:
+                q, r = _regex_walk(alt, inside_repeat)
+                quantifiers, repeating = quantifiers + q, repeating + r
+        elif op in _GROUPS:
+            q, r = _regex_walk(av[-1], inside_repeat)
+            quantifiers, repeating = quantifiers + q, repeating + r
+    return quantifiers, repeating
+
+
+def _regex_check_sequence(top: Any) -> None:
+    """Repeating quantifiers in the top-level sequence: each later one needs a required literal,
+    which the previous one cannot match, between them (else the search goes cubic or worse)."""
+    prev: Any = None  # the body of the last repeating quantifier, compiled
+    for op, av in top.data:
+        if op in _REPEATS and av[1] > 1:
+            if prev is not None:
+                raise _regex_refuse("two repeating quantifiers without a literal between them that "
+                                    "the first cannot match (like a*a*b or .*,.*)")
+            prev = _re_compiler.compile(_re_parser.SubPattern(top.state, list(av[2])))
+        elif op is _re_c.LITERAL and prev is not None and not prev.fullmatch(chr(av)):
+            prev = None
+
+
+def _regex_compile(pattern: str) -> re.Pattern[str]:
+    if len(pattern) > REGEX_MAX_PATTERN:
+        raise BuiltinError(f"regex.split: pattern is {len(pattern)} characters, over the "
+                           f"{REGEX_MAX_PATTERN}-character limit")
     try:
-        rx = re.compile(_str("regex.split", pattern))
+        rx = re.compile(pattern)
     except re.error as exc:
         raise BuiltinError(f"regex.split: invalid pattern: {exc}") from exc
+    if _REGEX_SCREEN:
+        parsed = _re_parser.parse(pattern)
+        quantifiers, repeating = _regex_walk(parsed.data, False)
+        if quantifiers > REGEX_MAX_QUANTIFIERS:
+            raise _regex_refuse(f"{quantifiers} quantifiers, over the limit of {REGEX_MAX_QUANTIFIERS}")
+        if repeating > 1:
+            if sum(op in _REPEATS and av[1] > 1 for op, av in parsed.data) != repeating:
+                raise _regex_refuse("several repeating quantifiers, some inside groups or alternations")
+            _regex_check_sequence(parsed)
+    return rx
+
+
+def regex_split(ctx: BuiltinContext, pattern: Any, s: Any) -> Any:
+    """OPA's ``regex.split``; patterns are screened and the input capped (see above)."""
+    pat = _str("regex.split", pattern)
+    key = ("regex.split", pat)
+    rx = ctx.cache.get(key)
+    if rx is None:
+        rx = ctx.cache[key] = _regex_compile(pat)
     text = _str("regex.split", s)
+    if len(text) > REGEX_MAX_TEXT:
+        raise BuiltinError(f"regex.split: input is {len(text)} characters, over the {REGEX_MAX_TEXT}-character "
+                           "limit (Python's regex engine backtracks: a bigger input could stall the agent)")
     out: list[str] = []
     pos = 0
     for m in rx.finditer(text):

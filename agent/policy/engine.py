@@ -20,8 +20,16 @@ Threads: a ``Policy`` owns a small pool of instances (one Store each; Stores are
 threads at the same time. Swapping a policy is swapping the ``Policy`` reference
 (:class:`agent.policy.registry.PolicyRegistry`): evaluations in flight finish on the old object.
 
-Sandbox: an epoch deadline per evaluation, a memory cap per instance (memory type max +
+Sandbox: a deadline per evaluation, a memory cap per instance (memory type max +
 ``Store.set_limits``), an output cap; after any failure the instance is discarded, never reused.
+The deadline is an epoch deadline for guest code, and it also covers the Python host builtins
+(which the epoch cannot interrupt): the dispatcher refuses to start a builtin once the deadline has
+passed, and an evaluation that called a builtin and ends past the deadline fails the same way
+(``code="deadline"``). Cost: one ``perf_counter_ns`` per builtin call, none without builtins.
+
+Host-function errors (builtin failures, ``opa_abort``) are kept on the failing instance, never taken
+from wasmtime-py's process-global exception slot, so concurrent evaluations on several threads each
+report their own error (see :mod:`agent.policy.calls`; the fast path does not use the slot at all).
 """
 
 from __future__ import annotations
@@ -33,11 +41,12 @@ import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import wasmtime
 
 from agent.logs import get_logger
+from agent.policy import calls as _calls_mod
 from agent.policy.bundle import BundleError, is_bundle, read_bundle
 from agent.policy.calls import (
     _MEM_DATA,
@@ -47,6 +56,8 @@ from agent.policy.calls import (
     OutputTooLarge,
     PublicCalls,
     _memmove,
+    define_host_func,
+    forget_host_exception,
     make_calls,
 )
 from agent.policy.errors import BuiltinError, PolicyEvalError, PolicyLoadError
@@ -98,6 +109,24 @@ class _Abort(Exception):
     """Raised from ``opa_abort``: the guest hit a fatal error."""
 
 
+class _HostFailed(Exception):
+    """What a host import raises into wasmtime-py instead of the real exception.
+
+    wasmtime-py parks it in a process-global slot that another thread may read or overwrite; the
+    real exception stays on the instance (:meth:`_Instance._host_failed`), so this marker carries
+    nothing worth losing.
+    """
+
+
+class _LostTrap(Exception):
+    """Public-API path only: the guest trapped, but wasmtime-py handed us another thread's marker
+    (from its global slot) in place of the trap, so the trap's own detail is gone."""
+
+
+class _DeadlineHit(Exception):
+    """The evaluation's deadline passed while (or before) a Python host builtin ran."""
+
+
 @dataclass
 class PolicyStats:
     """Health counters the fleet component reads (monotonic; reset by replacing the Policy)."""
@@ -122,6 +151,8 @@ class PolicyStats:
 # bound on guest code run while loading (start function, builtins()/entrypoints(), parsing data):
 # generous, since big data documents take a while to parse, but never unbounded
 SETUP_DEADLINE_S = 5.0
+_GUEST_FAILED = (_Abort, _LostTrap, _DeadlineHit, BuiltinError, wasmtime.Trap, wasmtime.WasmtimeError)
+_perf_ns = time.perf_counter_ns
 
 _REQUIRED = ("opa_malloc", "opa_json_parse", "opa_json_dump", "opa_heap_ptr_get", "opa_heap_ptr_set",
              "builtins", "entrypoints", "opa_eval_ctx_new", "opa_eval_ctx_set_input", "opa_eval_ctx_set_data",
@@ -166,6 +197,15 @@ class _Instance:
         settings = policy.settings
         self.generation = policy._generation
         self.bctx = BuiltinContext(now_ns=time.time_ns())
+        # a host import's real exception (the first one of the failing call) and the marker raised for
+        # it into wasmtime-py; set before instantiating: the start function may already call opa_abort
+        self.host_exc: BaseException | None = None
+        self.host_marker: _HostFailed | None = None
+        # builtin deadline (perf_counter ns): set per evaluation of a policy with builtins; until then
+        # the load bound. builtin_ns = start of this evaluation's latest builtin call (0 = none yet)
+        self.deadline_ns = _perf_ns() + int(SETUP_DEADLINE_S * 1e9)
+        self.builtin_ns = 0
+        self.ready_ns = 0  # when data was last (re)loaded: a fresh instance's deadline starts there
         self.store = policy._wasm.new_store()
         cap = settings.memory_limit_mb * 1024 * 1024
         self.store.set_limits(memory_size=cap)
@@ -179,15 +219,16 @@ class _Instance:
         self.store.set_epoch_deadline(policy._wasm.ticks_for(SETUP_DEADLINE_S))
         try:
             inst = linker.instantiate(self.store, policy._module)
-        except _Abort as exc:
-            raise PolicyLoadError(f"policy aborted while starting: {exc}") from exc
-        except wasmtime.Trap as exc:
-            if exc.trap_code == wasmtime.TrapCode.INTERRUPT:
+        except Exception as failed:
+            exc = self.resolve_failure(failed)
+            if isinstance(exc, _Abort):
+                raise PolicyLoadError(f"policy aborted while starting: {exc}") from exc
+            if isinstance(exc, wasmtime.Trap) and exc.trap_code == wasmtime.TrapCode.INTERRUPT:
                 raise PolicyLoadError(f"policy's start function did not finish within {SETUP_DEADLINE_S:g} s "
                                       "(an endless loop?); the policy was not loaded") from exc
-            raise PolicyLoadError(f"policy failed to instantiate: {exc}") from exc
-        except wasmtime.WasmtimeError as exc:
-            raise PolicyLoadError(f"policy failed to instantiate: {exc}") from exc
+            if isinstance(exc, _GUEST_FAILED):
+                raise PolicyLoadError(f"policy failed to instantiate: {exc}") from exc
+            raise exc from failed
         exports = inst.exports(self.store)
         self.funcs: dict[str, wasmtime.Func] = {}
         for name in (*_REQUIRED, "opa_eval", "opa_heap_blocks_stash", "opa_heap_blocks_restore",
@@ -197,6 +238,7 @@ class _Instance:
                 self.funcs[name] = item
         self.globals = {n: exports.get(n) for n in ("opa_wasm_abi_version", "opa_wasm_abi_minor_version")}
         self.calls = make_calls(settings.fast_calls, self.store, self.memory, self.funcs)
+        self.calls.on_fail = self.resolve_failure
         self.eval_ref = self.calls.refs.get("opa_eval") if isinstance(self.calls, FastCalls) else None
         self.initial_heap_ptr = 0
         self.data_addr = 0
@@ -205,6 +247,20 @@ class _Instance:
 
     # -- imports ---------------------------------------------------------------------------------
     def _define_imports(self, linker: wasmtime.Linker, imports: set[str]) -> None:
+        if self.policy.settings.fast_calls and _calls_mod.FAST_AVAILABLE:  # read late: tests patch it
+            # raw callbacks: a failure is recorded here and never goes through wasmtime-py's global slot
+            self._host_cbs: list[Any] = []
+            if "opa_abort" in imports:
+                define_host_func(linker, "opa_abort", params=1, results=0, fn=self._abort_now,
+                                 failed=self._record, keep=self._host_cbs)
+            if "opa_println" in imports:
+                define_host_func(linker, "opa_println", params=1, results=0, fn=self._println_now,
+                                 failed=self._record, keep=self._host_cbs)
+            for n in range(5):
+                if f"opa_builtin{n}" in imports:
+                    define_host_func(linker, f"opa_builtin{n}", params=n + 2, results=1, fn=self._builtin,
+                                     failed=self._record, keep=self._host_cbs)
+            return
         if "opa_abort" in imports:
             linker.define_func("env", "opa_abort", wasmtime.FuncType([_I32], []), self._abort)
         if "opa_println" in imports:
@@ -213,6 +269,35 @@ class _Instance:
             if f"opa_builtin{n}" in imports:
                 linker.define_func("env", f"opa_builtin{n}", wasmtime.FuncType([_I32] * (n + 2), [_I32]),
                                    self._dispatch)
+
+    def _record(self, exc: BaseException) -> None:
+        """Keep a host import's exception on this instance (the first one wins: it is the cause)."""
+        if self.host_exc is None and not isinstance(exc, _HostFailed):
+            self.host_exc = exc
+
+    def _host_failed(self, exc: BaseException) -> NoReturn:
+        """Public-API imports: record ``exc`` and trap the guest with a bare marker; wasmtime-py parks
+        the marker in its process-global slot, where a concurrent failure on another thread may
+        overwrite or take it without harm."""
+        self._record(exc)
+        marker = _HostFailed("host function failed; the error is kept on the policy instance")
+        self.host_marker = marker
+        raise marker
+
+    def resolve_failure(self, exc: BaseException) -> BaseException:
+        """The real cause of a failed guest call: this instance's own host exception if it recorded
+        one, else ``exc`` (a marker that is not ours means the trap's detail was lost to another
+        thread's failure — public-API path only)."""
+        own = self.host_exc
+        if own is not None:
+            self.host_exc = None
+            forget_host_exception(self.host_marker)
+            self.host_marker = None
+            return own
+        if isinstance(exc, _HostFailed):
+            return _LostTrap("the guest trapped, but its detail was lost to a concurrent host-function "
+                             "failure on another thread (wasmtime-py's public call API)")
+        return exc
 
     def _guest_str(self, addr: int, limit: int = 64 * 1024) -> str:
         try:
@@ -224,13 +309,32 @@ class _Instance:
             return f"<unreadable message at {addr}>"
         return raw.decode("utf-8", "replace")
 
-    def _abort(self, addr: int) -> None:
+    def _abort_now(self, addr: int) -> None:
         raise _Abort(self._guest_str(addr))
 
-    def _println(self, addr: int) -> None:
+    def _println_now(self, addr: int) -> None:
         log.info("policy_println", policy=self.policy.name, text=self._guest_str(addr))
 
-    def _dispatch(self, bid: int, _ctx: int, *args: int) -> int:
+    def _abort(self, addr: int) -> None:
+        try:
+            self._abort_now(addr)
+        except BaseException as exc:
+            self._host_failed(exc)
+
+    def _println(self, addr: int) -> None:
+        try:
+            self._println_now(addr)
+        except BaseException as exc:
+            self._host_failed(exc)
+
+    def _dispatch(self, bid: int, ctx: int, *args: int) -> int:
+        try:
+            return self._builtin(bid, ctx, *args)
+        except BaseException as exc:  # kept on this instance; wasmtime-py only sees a marker
+            self._host_failed(exc)
+
+    def _builtin(self, bid: int, _ctx: int, *args: int) -> int:
+        """``opa_builtinN``: run host builtin ``bid`` on the argument values; raises on any failure."""
         calls = self.calls
         if calls is None:
             raise BuiltinError(f"policy called builtin id {bid} before it was loaded")
@@ -238,6 +342,11 @@ class _Instance:
         fn = self.policy._builtin_fns.get(bid)
         if name is None or fn is None:
             raise BuiltinError(f"policy called builtin id {bid}, which is not in its builtins() table")
+        # the epoch cannot interrupt Python: never start a builtin once the evaluation's time is up
+        now = _perf_ns()
+        if now > self.deadline_ns:
+            raise _DeadlineHit(f"host builtin {name} was not started")
+        self.builtin_ns = now
         values = []
         for a in args:
             if a == 0:
@@ -302,6 +411,7 @@ class _Instance:
             calls.call("opa_heap_blocks_stash")
         self.data_heap_ptr = calls.call("opa_heap_ptr_get")  # always re-read after a data change
         self.generation = self.policy._generation
+        self.ready_ns = _perf_ns()
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_fast(self, ep: int, blob: bytes, ticks: int, limit: int) -> bytes:
@@ -382,6 +492,7 @@ class Policy:
         self._builtins = builtins
         self._builtin_fns: dict[int, Any] = {}
         self._ticks = self._wasm.ticks_for(settings.eval_deadline_ms / 1000.0)
+        self._deadline_ns = settings.eval_deadline_ms * 1_000_000
         first = self._new_instance(probe=True)
         major, minor = first.abi()
         if major != 1:
@@ -394,7 +505,7 @@ class Policy:
         try:
             bmap = first.read_map("builtins")
             emap = first.read_map("entrypoints")
-        except (_Abort, wasmtime.Trap, wasmtime.WasmtimeError, OutputTooLarge, ValueError) as exc:
+        except (*_GUEST_FAILED, OutputTooLarge, ValueError) as exc:
             raise PolicyLoadError(f"policy's builtins()/entrypoints() failed: {exc}") from exc
         self._shape.builtin_names = {int(v): str(k) for k, v in bmap.items()}
         lacking = sorted(n for n in bmap if n not in builtins)
@@ -415,7 +526,7 @@ class Policy:
             self.default_entrypoint = by_id[0][0] if by_id else ""
         try:
             first.load_data(self._data_blob)
-        except (_Abort, wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+        except _GUEST_FAILED as exc:
             raise PolicyLoadError(f"policy failed to load its data document: {exc}") from exc
         self._idle.append(first)
         log.info("policy_loaded", policy=name, version=version, abi=f"{major}.{minor}", fast_path=self.fast_path,
@@ -464,8 +575,11 @@ class Policy:
             raise PolicyEvalError(f"policy {self.name} has no entrypoint {ep_name!r}; it has "
                                   f"{sorted(self._shape.entrypoints)}", code="unknown_entrypoint")
         inst = self._acquire()
-        if self._builtin_fns:  # one time.now_ns per evaluation, fresh per-eval caches
+        if self._builtin_fns:  # one time.now_ns per evaluation, fresh per-eval caches, builtin deadline
             inst.bctx = BuiltinContext(now_ns=time.time_ns())
+            ready = inst.ready_ns  # a freshly built instance: its deadline starts once it is ready
+            inst.deadline_ns = (start if start > ready else ready) + self._deadline_ns
+            inst.builtin_ns = 0
         limit = self.settings.max_output_bytes
         try:
             if self.fast_path:
@@ -473,6 +587,9 @@ class Policy:
             else:
                 text = inst.eval_ctx(ep, blob, self._ticks, limit)
             raw = _DECODE(text.decode())
+            end = _perf_ns()
+            if inst.builtin_ns and end > inst.deadline_ns:  # a builtin ran, and the whole took too long
+                raise _DeadlineHit("host builtins ran, and the evaluation finished after it")
         except (KeyboardInterrupt, SystemExit):
             self._discard(inst)
             raise
@@ -486,7 +603,7 @@ class Policy:
         stats.evals += 1
         if not raw:
             stats.undefined += 1
-        us = (time.perf_counter_ns() - start) // 1000
+        us = (end - start) // 1000
         stats.latency_us[bisect_left(LATENCY_BUCKETS_US, us)] += 1
         return ResultSet(raw), text
 
@@ -529,7 +646,7 @@ class Policy:
         if not probe:
             try:
                 inst.load_data(self._data_blob)
-            except (_Abort, wasmtime.Trap, wasmtime.WasmtimeError, PolicyLoadError) as exc:
+            except (*_GUEST_FAILED, PolicyLoadError) as exc:
                 self._count_error("trap")
                 raise PolicyEvalError(f"policy {self.name}: fresh instance failed to load data: {exc}",
                                       code="trap") from exc
@@ -545,7 +662,7 @@ class Policy:
                 try:
                     inst.load_data(self._data_blob)
                     return inst
-                except (_Abort, wasmtime.Trap, wasmtime.WasmtimeError):
+                except _GUEST_FAILED:
                     self.stats.instances_discarded += 1
             return self._new_instance()
         return inst
@@ -569,6 +686,9 @@ class Policy:
         elif isinstance(exc, _Abort):
             code = "memory" if "out of memory" in msg.lower() else "abort"
             msg = f"policy aborted: {msg}"
+        elif isinstance(exc, _DeadlineHit):
+            code = "deadline"
+            msg = f"evaluation exceeded its deadline of {self.settings.eval_deadline_ms} ms ({msg})"
         elif isinstance(exc, BuiltinError):
             code = "builtin_error"
         elif isinstance(exc, OutputTooLarge):
