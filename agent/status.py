@@ -73,7 +73,11 @@ def daemon_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
         report.data["daemon"].update(pid=holder, status_text="starting: checking and migrating the state database")
         report.problems.append(f"daemon (pid {holder}) is starting: checking and migrating the state database")
     if shown == "stalled":
-        report.problems.append(f"daemon heartbeat is {age:.0f} s old (expected every {interval:g} s)")
+        why = ""
+        if shutil.disk_usage(config.state_dir).free < config.storage.min_free_bytes:
+            # alive but unable to write: not a hung loop, a full disk (it resumes once space is freed)
+            why = ": the state disk is full, so the daemon cannot record it; free space and it resumes by itself"
+        report.problems.append(f"daemon heartbeat is {age:.0f} s old (expected every {interval:g} s){why}")
     elif shown == "crashed":
         report.problems.append(f"daemon is not running and did not stop cleanly (last heartbeat {iso(beat)})")
     elif shown == "stopped":

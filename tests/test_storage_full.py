@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sqlite3
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ from agent.storage import Store
 from agent.sync.outbox import Outbox
 from agent.sync.service import OutboxService
 from agent.sync.settings import OutboxSettings
+from tests.support.localbus import persistent_broker, publish_counted
+from tests.support.procs import agent_process, status_json
 
 
 @pytest.fixture
@@ -92,3 +97,61 @@ def test_the_outbox_service_rides_out_a_full_disk(small_disk: Path) -> None:
         asyncio.run(scenario())
     finally:
         store.close()
+
+
+def test_the_daemon_rides_out_a_full_disk_and_loses_nothing(small_disk: Path, tmp_path: Path) -> None:
+    """The real daemon, its state on a small disk that another program fills: it stays up, says why,
+    acknowledges nothing it cannot store, and once space is freed stores everything the broker kept."""
+    with persistent_broker(tmp_path / "mq") as broker:
+        config = tmp_path / "agent.toml"
+        config.write_text(f"""
+[agent]
+node_id = "full-disk"
+heartbeat_interval_s = 0.5
+[local_broker]
+host = "{broker.host}"
+port = {broker.port}
+reconnect_min_s = 0.1
+reconnect_max_s = 0.5
+""")
+        db = small_disk / "agent.db"
+        with agent_process(small_disk, config) as agent:  # the log stays outside the small disk
+            agent.wait_ready()
+            _wait(lambda: _rows(db, "SELECT state FROM links WHERE name = 'local_broker'") == [("up",)], 20)
+            hog = small_disk / "hog"
+            with hog.open("wb") as f, contextlib.suppress(OSError):  # another program fills the disk
+                while True:
+                    f.write(b"\0" * 65536)
+            items = [(f"factory/l1/s{i % 4}/temp", json.dumps({"value": i, "seq": i}).encode()) for i in range(300)]
+            acked = asyncio.run(publish_counted(broker.host, broker.port, items, client_id="full-pub"))
+            time.sleep(3)
+            assert agent.proc.poll() is None, agent.output()[-3000:]
+            assert _rows(db, "SELECT count(*) FROM readings") == [(0,)]  # nothing stored, so nothing acked
+            _code, report = status_json(small_disk, config)
+            assert any("the state disk is full" in p or "MiB free on the state disk" in p
+                       for p in report["problems"]), report  # type: ignore[attr-defined]
+            hog.unlink()  # the technician frees space
+            _wait(lambda: {r[0] for r in _rows(db, "SELECT json_extract(payload, '$.seq') FROM readings")}
+                  >= set(acked), 60)
+            assert agent.proc.poll() is None
+            assert agent.stop() == 0
+        assert len(acked) == 300
+
+
+def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def _wait(cond: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
