@@ -135,3 +135,51 @@ def test_bus_reconnects_resubscribes_and_acks_only_on_the_receiving_connection(t
             await bus.publish("x/y", b"1")
     with persistent_broker(tmp_path / "mq") as broker:
         asyncio.run(scenario(broker))
+
+
+def test_sighup_reload_reconnects_with_the_new_settings_and_drops_removed_subscriptions(tmp_path: Path) -> None:
+    """A changed [local_broker] table takes effect without a restart; a removed filter is unsubscribed
+    on the broker (the persistent session would otherwise keep delivering it)."""
+    from agent.config.model import AgentConfig
+
+    async def scenario(broker: Broker) -> None:
+        first = LocalBrokerSettings(host=broker.host, port=broker.port, client_id="t-reload",
+                                    subscriptions=["factory/a/#"], reconnect_min_s=0.1, reconnect_max_s=0.3)
+        bus = LocalBus(first, "node")
+        got: list[str] = []
+
+        def take(msg: BusMessage) -> None:
+            got.append(msg.topic)
+            msg.ack()
+        bus.subscribe_sensors(take)
+        task = asyncio.create_task(bus.run())
+        try:
+            assert await bus.wait_connected(10)
+            await _publish(broker, [("factory/a/s/m", b"1"), ("factory/b/s/m", b"2")])
+            async with asyncio.timeout(10):
+                while not got:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            assert got == ["factory/a/s/m"] and bus.received == 1
+            second = LocalBrokerSettings(host=broker.host, port=broker.port, client_id="t-reload",
+                                         subscriptions=["factory/b/#"], keepalive_s=20,
+                                         reconnect_min_s=0.1, reconnect_max_s=0.3)
+            await bus.reload(AgentConfig(local_broker=second))
+            async with asyncio.timeout(10):
+                while bus.connects < 2 or not bus.connected:
+                    await asyncio.sleep(0.02)
+            await _publish(broker, [("factory/a/s/m", b"3"), ("factory/b/s/m", b"4")])
+            async with asyncio.timeout(10):
+                while len(got) < 2:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            assert got == ["factory/a/s/m", "factory/b/s/m"]
+            assert bus.received == 2  # 'factory/a/#' is gone from the broker's session, not just unrouted
+            await bus.reload(AgentConfig(local_broker=second))  # unchanged: no reconnect
+            await asyncio.sleep(0.3)
+            assert bus.connects == 2
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    with persistent_broker(tmp_path / "mq") as broker:
+        asyncio.run(scenario(broker))

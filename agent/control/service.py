@@ -46,8 +46,7 @@ def build(ctx: Context) -> list[Service]:
     bus = LocalBus(cfg.local_broker, cfg.node_id, on_link=on_link)
     ingest = Ingest(ctx.store, batch_max=cfg.pipeline.ingest_batch_max,
                     max_payload_bytes=cfg.pipeline.max_payload_bytes, on_store_failure=bus.request_reconnect)
-    for topic_filter in cfg.local_broker.subscriptions:
-        bus.subscribe(topic_filter, ingest.handle, manual_ack=True)
+    bus.subscribe_sensors(ingest.handle)
     loader = PolicyLoader(ctx)  # active policy releases → ctx.components["policies"] (the gate's registry)
     pipeline = Pipeline(ctx.store, cfg.pipeline, cfg.node_id, publisher=bus, policies=_Policies(ctx),
                         decision_policy=lambda: ctx.config.policy.decision_policy)

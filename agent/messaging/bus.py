@@ -98,7 +98,10 @@ class LocalBus:
     def __init__(self, settings: LocalBrokerSettings, node_id: str, *,
                  on_link: LinkListener | None = None) -> None:
         self.settings = settings
+        self.node_id = node_id
         self.client_id = settings.client_id or f"edge-agent-{node_id}"
+        self._sensor_handler: Handler | None = None
+        self._dropped_filters: set[str] = set()  # removed from the config: unsubscribe on the next session
         self._routes: list[_Route] = []
         self._conn: MqttConnection | None = None
         self._route_cache: dict[str, _Route | None] = {}
@@ -132,6 +135,39 @@ class LocalBus:
             task = asyncio.get_running_loop().create_task(
                 conn.subscribe([(topic_filter, qos)], timeout_s=CONNECT_TIMEOUT_S))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def subscribe_sensors(self, handler: Handler) -> None:
+        """Route the configured ``subscriptions`` (sensor readings) to ``handler`` with manual ack;
+        a SIGHUP that changes them (:meth:`reload`) re-routes and unsubscribes what was removed."""
+        self._sensor_handler = handler
+        for topic_filter in self.settings.subscriptions:
+            self.subscribe(topic_filter, handler, manual_ack=True)
+
+    async def reload(self, config: Any) -> None:
+        """SIGHUP: a changed ``[local_broker]`` table takes effect by reconnecting. With the same client
+        id the broker keeps the session, so nothing unacknowledged is lost on the way."""
+        new: LocalBrokerSettings = config.local_broker
+        if new == self.settings:
+            return
+        old = self.settings
+        self.settings = new
+        client_id = new.client_id or f"edge-agent-{self.node_id}"
+        if client_id != self.client_id:
+            log.warning("local_bus_client_id_changed", old=self.client_id, new=client_id,
+                        hint="readings queued for the old id stay on the broker under that session")
+            self.client_id = client_id
+        if self._sensor_handler is not None and list(new.subscriptions) != list(old.subscriptions):
+            removed = set(old.subscriptions) - set(new.subscriptions)
+            self._routes = [r for r in self._routes if r.topic_filter not in removed]
+            self._route_cache.clear()
+            self._dropped_filters |= removed
+            self._dropped_filters -= set(new.subscriptions)
+            for topic_filter in new.subscriptions:
+                if topic_filter not in {r.topic_filter for r in self._routes}:
+                    self._routes.append(_Route(topic_filter, self._sensor_handler, True, 1))
+        log.info("local_bus_reconfigured", host=new.host, port=new.port, client_id=self.client_id,
+                 subscriptions=list(new.subscriptions))
+        self.request_reconnect("the [local_broker] configuration changed")
 
     @property
     def connected(self) -> bool:
@@ -208,6 +244,9 @@ class LocalBus:
         try:
             self.connects += 1
             await conn.subscribe(self._filters(), timeout_s=CONNECT_TIMEOUT_S)
+            if self._dropped_filters:  # the persistent session still delivers what the config dropped
+                await conn.unsubscribe(sorted(self._dropped_filters), timeout_s=CONNECT_TIMEOUT_S)
+                self._dropped_filters.clear()
             self._connected.set()
             log.info("local_bus_connected", host=s.host, port=s.port, client_id=self.client_id,
                      session_present=session_present, subscriptions=[f for f, _ in self._filters()])

@@ -180,6 +180,14 @@ class MqttConnection(asyncio.Protocol):
                                    "(check its ACL for this client id / user)")
         return codes
 
+    async def unsubscribe(self, filters: Sequence[str], *, timeout_s: float) -> None:
+        """Drop subscriptions the persistent session still holds (e.g. removed from the config)."""
+        if not self.is_open:
+            raise ConnectionLost("the local broker connection is closed")
+        packet_id, done = self._expect()
+        self._send(wire.unsubscribe_packet(packet_id, filters))
+        await self._wait(packet_id, done, timeout_s, "UNSUBACK")
+
     def close(self) -> None:
         """Polite DISCONNECT (the session stays on the broker), then close the socket."""
         transport = self._transport
@@ -225,7 +233,7 @@ class MqttConnection(asyncio.Protocol):
             self._waiting.pop(packet_id, None)
 
     def _control(self, kind: int, flags: int, body: bytes) -> None:
-        if kind == wire.PUBACK:
+        if kind in (wire.PUBACK, wire.UNSUBACK):
             waiter = self._waiting.get(wire.packet_id_of(kind, body))
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)

@@ -3,7 +3,7 @@
 Why the agent speaks the wire itself on this one link: every sensor reading and every actuation
 crosses it, and a general-purpose client (paho under aiomqtt) spent half the event loop on 1-byte
 header reads and one ``send`` per PUBACK. Only what a persistent QoS ≤ 1 subscriber and publisher
-needs is here: CONNECT/CONNACK, PUBLISH/PUBACK, SUBSCRIBE/SUBACK, PINGREQ/PINGRESP, DISCONNECT.
+needs is here: CONNECT/CONNACK, PUBLISH/PUBACK, (UN)SUBSCRIBE/(UN)SUBACK, PINGREQ/PINGRESP, DISCONNECT.
 Everything the broker sends is checked; anything else is a :class:`ProtocolViolation`.
 """
 
@@ -113,6 +113,13 @@ def publish_packet(topic: str, payload: bytes, *, qos: int, retain: bool, packet
 
 def puback_packet(packet_id: int) -> bytes:
     return _PUBACK.pack(PUBACK << 4, 2, packet_id)
+
+
+def unsubscribe_packet(packet_id: int, filters: Sequence[str]) -> bytes:
+    """UNSUBSCRIBE (§3.10); the fixed-header flags must be 0b0010."""
+    if not filters:
+        raise ValueError("UNSUBSCRIBE needs at least one topic filter")
+    return _packet((UNSUBSCRIBE << 4) | 0x02, _U16.pack(packet_id) + b"".join(_string(f) for f in filters))
 
 
 def subscribe_packet(packet_id: int, filters: Sequence[tuple[str, int]]) -> bytes:
