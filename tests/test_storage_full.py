@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from agent.sync.service import OutboxService
 from agent.sync.settings import OutboxSettings
 from tests.support.localbus import persistent_broker, publish_counted
 from tests.support.procs import agent_process, status_json
+from tests.test_ingest_faults import query, wait_until
 
 
 @pytest.fixture
@@ -117,7 +117,8 @@ reconnect_max_s = 0.5
         db = small_disk / "agent.db"
         with agent_process(small_disk, config) as agent:  # the log stays outside the small disk
             agent.wait_ready()
-            _wait(lambda: _rows(db, "SELECT state FROM links WHERE name = 'local_broker'") == [("up",)], 20)
+            wait_until(lambda: query(db, "SELECT state FROM links WHERE name = 'local_broker'") == [("up",)], 20,
+                       "the local bus to connect", agent)
             hog = small_disk / "hog"
             with hog.open("wb") as f, contextlib.suppress(OSError):  # another program fills the disk
                 while True:
@@ -126,32 +127,14 @@ reconnect_max_s = 0.5
             acked = asyncio.run(publish_counted(broker.host, broker.port, items, client_id="full-pub"))
             time.sleep(3)
             assert agent.proc.poll() is None, agent.output()[-3000:]
-            assert _rows(db, "SELECT count(*) FROM readings") == [(0,)]  # nothing stored, so nothing acked
+            assert query(db, "SELECT count(*) FROM readings") == [(0,)]  # nothing stored, so nothing acked
             _code, report = status_json(small_disk, config)
             assert any("the state disk is full" in p or "MiB free on the state disk" in p
                        for p in report["problems"]), report  # type: ignore[attr-defined]
             hog.unlink()  # the technician frees space
-            _wait(lambda: {r[0] for r in _rows(db, "SELECT json_extract(payload, '$.seq') FROM readings")}
-                  >= set(acked), 60)
+            wait_until(lambda: {r[0] for r in query(db, "SELECT json_extract(payload, '$.seq') FROM readings")}
+                       >= set(acked), 60, "every acknowledged reading stored once space was freed", agent)
             assert agent.proc.poll() is None
             assert agent.stop() == 0
         assert len(acked) == 300
 
-
-def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql).fetchall()
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
-
-
-def _wait(cond: Callable[[], bool], within: float) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
