@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import aiomqtt
+import pytest
 
 from agent.clock import Stamp, boot_id, now
 from agent.config.model import LocalBrokerSettings
 from agent.control.settings import PipelineSettings
-from agent.messaging.bus import LocalBus
+from agent.messaging.bus import LocalBus, PublishRefused
 from agent.messaging.ingest import Ingest, store_batch_job
 from agent.messaging.readings import Reading
 from agent.messaging.retention import run_retention
@@ -198,6 +199,9 @@ def test_publisher_api_of_the_bus_delivers_qos1(tmp_path: Path, store: Store) ->
         got: list[bytes] = []
         async with Agentlet(broker, store) as a, aiomqtt.Client(broker.host, broker.port) as sub:
             await sub.subscribe("cmd/#", qos=1)
+            for bad_topic, bad_qos in (("cmd/+/valve", 1), ("cmd/l1/valve", 2)):
+                with pytest.raises(PublishRefused):
+                    await a.bus.publish(bad_topic, b"x", qos=bad_qos)
             await a.bus.publish("cmd/l1/valve", b'{"open":true}', qos=1)
             async with asyncio.timeout(10):
                 async for m in sub.messages:

@@ -48,6 +48,12 @@ class BusUnavailable(AgentError):
     code = "local_bus_unavailable"
 
 
+class PublishRefused(AgentError):
+    """What was asked cannot be published (a wildcard in the topic, QoS 2, a topic over 64 KiB)."""
+
+    code = "local_bus_publish_refused"
+
+
 @dataclass(eq=False)
 class BusMessage:
     topic: str
@@ -158,7 +164,8 @@ class LocalBus:
             self.client_id = client_id
         if self._sensor_handler is not None and list(new.subscriptions) != list(old.subscriptions):
             removed = set(old.subscriptions) - set(new.subscriptions)
-            self._routes = [r for r in self._routes if r.topic_filter not in removed]
+            self._routes = [r for r in self._routes
+                            if r.topic_filter not in removed or r.handler is not self._sensor_handler]
             self._route_cache.clear()
             self._dropped_filters |= removed
             self._dropped_filters -= set(new.subscriptions)
@@ -189,6 +196,8 @@ class LocalBus:
         data = payload.encode() if isinstance(payload, str) else payload
         try:
             await conn.publish(topic, data, qos=qos, retain=retain, timeout_s=puback_timeout_s)
+        except ValueError as exc:  # a wildcard topic, QoS 2, an oversize topic: the caller's mistake
+            raise PublishRefused(f"cannot publish to '{topic[:200]}' on the local broker: {exc}") from exc
         except MqttError as exc:
             raise BusUnavailable(f"publish to '{topic}' on the local broker failed: {exc}") from exc
         self.published += 1

@@ -156,13 +156,20 @@ class MqttConnection(asyncio.Protocol):
 
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, timeout_s: float) -> None:
         """Send a message; at QoS 1 wait for the broker's PUBACK (``MqttError`` otherwise)."""
+        if qos not in (0, 1):
+            raise ValueError(f"the local bus publishes at QoS 0 or 1 (got {qos})")
         if not self.is_open:
             raise ConnectionLost("the local broker connection is closed")
         if qos == 0:
             self._send(wire.publish_packet(topic, payload, qos=0, retain=retain))
             return
         packet_id, done = self._expect()
-        self._send(wire.publish_packet(topic, payload, qos=1, retain=retain, packet_id=packet_id))
+        try:
+            packet = wire.publish_packet(topic, payload, qos=1, retain=retain, packet_id=packet_id)
+        except ValueError:
+            self._waiting.pop(packet_id, None)  # never sent: the id is free again
+            raise
+        self._send(packet)
         await self._wait(packet_id, done, timeout_s, f"PUBACK for '{topic}'")
 
     async def subscribe(self, filters: Sequence[tuple[str, int]], *, timeout_s: float) -> list[int]:
