@@ -7,10 +7,11 @@ activates a release (kind, name, version, the version it replaced, when, how man
 happened during it) and closes it with the outcome (``healthy``, ``rolled_back``, …).
 
 At every daemon start, :func:`check_at_start` runs **before any service task exists** (so before the
-policy loader or the module service can load anything): each open watch counts one more start; a
-watch whose release is no longer active is closed without action; one that saw more than
-``max_starts_in_health_window`` starts is rolled back right there (``crash_loop``) and its status is
-recorded (published once the link is up); the others run their full window again in the daemon.
+policy loader or the module service can load anything): each open watch counts one more start if
+the previous run died or failed (a clean stop does not count); a watch whose release is no longer
+active is closed without action; one that saw more than ``max_starts_in_health_window`` starts is
+rolled back right there (``crash_loop``) and its status is recorded (published once the link is up);
+the others run their full window again in the daemon.
 """
 
 from __future__ import annotations
