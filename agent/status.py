@@ -2,8 +2,8 @@
 
 Works when the daemon is running, stopped or killed: liveness comes from the state-dir lock (held
 by a live daemon, released by the kernel when it dies) and the heartbeat row, never from asking
-the daemon. Each subsystem contributes a *section*; the JSON schema is documented in the README
-(``edge-agent.status/v1``) and only grows by adding keys.
+the daemon. Each subsystem contributes a *section*; the JSON schema is documented in
+docs/operating.md (``edge-agent.status/v1``) and only grows by adding keys.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo (README "Quick start"): a local MQTT broker, the daemon on configs/demo.toml for a while,
+# The demo (README, "Quick start" and "A quick tour"): a local MQTT broker, the daemon on configs/demo.toml for a while,
 # then `edge-agent status`. Everything lives under var/demo/; every process started here is stopped by
 # its pid at the end, whatever happens.
 #

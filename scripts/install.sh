@@ -75,6 +75,7 @@ else
 fi
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$repo"
 install -m 0644 "$repo/README.md" "$prefix/README.md"
+install -d "$prefix/docs" && install -m 0644 "$repo"/docs/*.md "$prefix/docs/"
 say "package: $("$venv/bin/python" -c 'import agent; print("edge-agent", agent.__version__)') installed"
 
 # 3. unit

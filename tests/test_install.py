@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -44,6 +45,10 @@ def test_install_is_idempotent_and_keeps_the_config(tmp_path: Path) -> None:
     assert oct((root / "var/lib/edge-agent").stat().st_mode & 0o777) == "0o750"
     agent = root / "opt/edge-agent/venv/bin/edge-agent"
     assert agent.is_file()
+    docs = re.search(r"^Documentation=(.+)$", unit.read_text(), re.M)
+    assert docs, "the unit names its documentation"
+    for uri in docs.group(1).split():  # what `systemctl help edge-agent` opens is installed
+        assert uri.startswith("file:///") and (root / uri.removeprefix("file:///")).is_file(), uri
     # the installed agent (not the repo's) runs and reads the installed config
     status = subprocess.run([str(agent), "status", "--json", "--config", str(conf), "--state-dir",
                              str(tmp_path / "state")], capture_output=True, text=True, timeout=120, cwd="/")

@@ -362,17 +362,17 @@ def test_valid_output_and_input_trimming() -> None:
 
 
 
-def _readme_json_after(text: str, lead: str) -> Any:
+def _doc_json_after(text: str, lead: str) -> Any:
     start = text.index("```json\n", text.index(lead)) + len("```json\n")
     return json.loads(text[start:text.index("```", start)])
 
 
-def test_readme_worked_example_is_what_the_module_does(tmp_path: Path) -> None:
-    """The README's input/output pair for thermostat.wasm is checked against a real run."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    doc_in = _readme_json_after(readme, "the module runs with")
-    doc_out = _readme_json_after(readme, "and answers")
-    meta = _readme_json_after(readme, "Sign and install it with a trigger")
+def test_documented_worked_example_is_what_the_module_does(tmp_path: Path) -> None:
+    """The input/output pair for thermostat.wasm in docs/authoring.md is checked against a real run."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "authoring.md").read_text()
+    doc_in = _doc_json_after(doc, "the module runs with")
+    doc_out = _doc_json_after(doc, "and answers")
+    meta = _doc_json_after(doc, "Sign and install it with a trigger")
     assert meta["config"] == doc_in["config"]
 
     async def go() -> ModuleOutput:

@@ -1,5 +1,5 @@
 """The systemd unit: `systemd-analyze verify` passes (and would fail on a broken unit), the security
-exposure score is at most what the README states, and MemoryDenyWriteExecute stays off for wasmtime."""
+exposure score is at most what docs/operating.md states, and MemoryDenyWriteExecute stays off for wasmtime."""
 
 from __future__ import annotations
 
@@ -61,10 +61,10 @@ def test_verify_check_catches_a_broken_unit(tmp_path: Path) -> None:
 
 
 @needs_analyze
-def test_security_exposure_is_at_most_the_readme_number(tmp_path: Path) -> None:
+def test_security_exposure_is_at_most_the_documented_number(tmp_path: Path) -> None:
     assert ANALYZE is not None
-    stated = re.search(r"exposure score at \*\*([0-9]+\.[0-9])\*\*", (REPO / "README.md").read_text())
-    assert stated, "README must state the unit's exposure score as 'exposure score at **N.N**'"
+    stated = re.search(r"exposure score at \*\*([0-9]+\.[0-9])\*\*", (REPO / "docs" / "operating.md").read_text())
+    assert stated, "docs/operating.md must state the unit's exposure score as 'exposure score at **N.N**'"
     proc = subprocess.run([ANALYZE, "security", "--offline=true", str(_testable_copy(tmp_path))],
                           capture_output=True, text=True, timeout=120)
     measured = re.search(r"Overall exposure level for edge-agent\.service: ([0-9]+\.[0-9])", proc.stdout)

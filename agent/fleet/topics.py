@@ -1,4 +1,4 @@
-"""The fleet topic scheme (documented in the README, section "Fleet control").
+"""The fleet topic scheme (documented in docs/fleet.md, "Topic scheme").
 
 ::
 

@@ -10,9 +10,10 @@ evaluation and hot swap):
 * :class:`PolicyLoadError`, :class:`PolicyEvalError` (``code``: trap, deadline, memory, abort,
   builtin_error, output_too_large, bad_input, unknown_entrypoint).
 
-ABI 1.0–1.3 (``/work/shared/briefs/opa-wasm-abi.md``): minor ≥ 2 uses the one-call ``opa_eval``
-fast path (input written JS-SDK style at the data heap pointer, heap = input end); older modules use
-the context path. A builtin the agent lacks is refused at load, naming it.
+ABI 1.0–1.3 (the contract is written up in ``docs/design.md``, "The OPA-Wasm ABI"): minor ≥ 2 uses
+the one-call ``opa_eval`` fast path (the input is written at the data heap pointer and the heap starts
+where the input ends, so the guest's scratch allocations cannot overwrite it); older modules use the
+context path. A builtin the agent lacks is refused at load, naming it.
 
 Threads: a ``Policy`` owns a small pool of instances (one Store each; Stores are single-threaded).
 ``evaluate`` takes an idle instance or builds one, so it may be called from the event-loop thread

@@ -1,6 +1,6 @@
 """The daemon service that keeps the module runtime in step with the installed releases.
 
-It listens to the trust engineer's :class:`~agent.trust.watcher.ReleaseWatcher`
+It listens to the release store's :class:`~agent.trust.watcher.ReleaseWatcher`
 (``ctx.components["releases"]``): on every change it loads each *active* release of kind
 ``module`` (precompiled code from the cache), swaps versions between runs and
 unloads modules whose release is no longer active. A release whose predicate cannot be run is

@@ -1,7 +1,7 @@
 """What a module release's predicate says about running it: trigger, readings, config, limits, permissions.
 
-The predicate (``urn:edge-agent:release:v1``, kind ``module``) fields read here — documented in the
-README section "Workload modules":
+The predicate (``urn:edge-agent:release:v1``, kind ``module``) fields read here — documented in
+docs/authoring.md, "What the release predicate says about running it":
 
 - ``trigger``: ``{"type": "schedule" | "topic" | "mixed" | "manual", ...}``
   - ``schedule``: ``{"interval_s": N}`` or ``{"cron": "*/5 * * * *"}`` (5-field crontab, UTC) —

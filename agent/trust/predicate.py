@@ -1,6 +1,6 @@
 """The release predicate ``urn:edge-agent:release:v1``: what the signed statement says about the bytes.
 
-Every field is documented in the README (section "Signed releases"). Unknown extra fields are kept
+Every field is documented in docs/fleet.md ("The predicate"). Unknown extra fields are kept
 in ``raw`` so a newer fleet tool can add metadata without breaking older agents.
 """
 

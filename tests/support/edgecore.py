@@ -1,8 +1,9 @@
 """A strict EdgeCore stand-in on a real Mosquitto: the device-twin side of EdgeCore's MQTT protocol.
 
 It subscribes the way EdgeCore's eventbus does (QoS 1, clean session: what is published while it is
-not connected is lost), validates every message by the rules of ``/work/shared/briefs/kubeedge-twin.md``
-and answers on the same topics with the same shapes:
+not connected is lost), validates every message by EdgeCore's rules for twin updates (written up in
+``docs/design.md``, "KubeEdge device twins: the protocol") and answers on the same topics with the
+same shapes:
 
 - parse/validation failures → ``$hw/events/device//twin/update/result``, empty ``event_id``, code 400;
 - device not bound to this node → 404 on the device's result topic (with the ``event_id``);

@@ -1,4 +1,4 @@
-"""The README's release predicate examples are read by the agent's real parsers, so docs and code
+"""The release predicate examples in docs/ are read by the agent's real parsers, so docs and code
 cannot drift apart: the predicate parser (trust) and the module runtime's spec parser."""
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from agent.runtime.spec import parse_spec
 from agent.trust.predicate import parse_predicate
 from tests.support.procs import REPO
 
-README = (REPO / "README.md").read_text()
+FLEET = (REPO / "docs" / "fleet.md").read_text()
+AUTHORING = (REPO / "docs" / "authoring.md").read_text()
 
 
-def section(title: str) -> str:
-    start = README.index(title)
-    nxt = README.find("\n### ", start + len(title))
-    return README[start:nxt if nxt != -1 else len(README)]
+def section(text: str, title: str) -> str:
+    """From the heading ``title`` to the next heading of any level."""
+    start = text.index(title)
+    nxt = re.search(r"^#{1,6} ", text[start + len(title):], re.M)
+    return text[start:start + len(title) + nxt.start()] if nxt else text[start:]
 
 
 def json_blocks(text: str) -> list[Any]:
@@ -25,7 +27,7 @@ def json_blocks(text: str) -> list[Any]:
 
 
 def test_release_section_examples_parse_with_the_real_parsers() -> None:
-    policy_meta, module_meta = json_blocks(section("### The predicate `urn:edge-agent:release:v1`"))
+    policy_meta, module_meta = json_blocks(section(FLEET, "### The predicate `urn:edge-agent:release:v1`"))
     policy = parse_predicate({"kind": "policy", "name": "line1-safety", "version": 7, **policy_meta})
     assert policy.entrypoints == ("factory/allow",) and policy.trigger is None
     module = parse_predicate({"kind": "module", "name": "thermostat", "version": 1, **module_meta})
@@ -38,7 +40,7 @@ def test_release_section_examples_parse_with_the_real_parsers() -> None:
 
 def test_release_table_trigger_examples_parse_with_the_spec_parser() -> None:
     """Every inline ``{"type": …}`` trigger example in the predicate table is a valid runtime trigger."""
-    row = next(line for line in section("### The predicate `urn:edge-agent:release:v1`").splitlines()
+    row = next(line for line in section(FLEET, "### The predicate `urn:edge-agent:release:v1`").splitlines()
                if line.startswith("| `trigger` |"))
     examples = [json.loads(m) for m in re.findall(r"`(\{\"type\".*?\})`", row)]
     assert len(examples) >= 2
@@ -47,7 +49,7 @@ def test_release_table_trigger_examples_parse_with_the_spec_parser() -> None:
 
 
 def test_workload_module_example_parses_with_the_spec_parser() -> None:
-    meta = next(b for b in json_blocks(README) if isinstance(b, dict) and "trigger" in b and "config" in b
+    meta = next(b for b in json_blocks(AUTHORING) if isinstance(b, dict) and "trigger" in b and "config" in b
                 and b["trigger"].get("type") == "topic")
     spec = parse_spec(parse_predicate({"kind": "module", "name": "thermostat", "version": 1, **meta}).raw)
     assert spec.topics == ("factory/+/+/temp",) and spec.config["metric"] == "temp"
