@@ -1,6 +1,7 @@
 """The local bus: one persistent MQTT session with the gateway's own broker.
 
-Why it looks like this (see the platform notes' data-loss traps):
+Why it looks like this (general-purpose MQTT clients acknowledge on receipt and lose what they
+queued; docs/design.md, "Durable ingest"):
 - a stable client id + ``clean_session=False`` (MQTT 3.1.1): the broker queues QoS 1 messages while
   the agent is down or restarting and redelivers them;
 - manual acknowledgement: a message is PUBACKed only when its handler says it is durably stored

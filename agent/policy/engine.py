@@ -391,7 +391,7 @@ class _Instance:
         return value
 
     def load_data(self, blob: bytes) -> None:
-        """Steps 8–11 of the brief: initial heap pointer, parse data, stash (1.3), snapshot."""
+        """Initial heap pointer, parse data, stash (1.3), snapshot (docs/design.md, "Loading an instance")."""
         calls = self.calls
         assert calls is not None
         calls.set_deadline(self.policy._wasm.ticks_for(SETUP_DEADLINE_S))

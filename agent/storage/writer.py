@@ -4,7 +4,8 @@ Every write in the process is a *job* — a function of the ``sqlite_utils.Datab
 here. The writer thread takes whatever jobs are queued (up to ``batch_max``), runs each inside its
 own SAVEPOINT of one transaction, and commits once. A failing job is rolled back alone and gets
 its exception; the others commit. Callers are told "done" only after COMMIT returned, so
-"store, then acknowledge" holds, and batching makes ``synchronous=FULL`` cheap (see platform notes).
+"store, then acknowledge" holds, and batching makes ``synchronous=FULL`` cheap (one commit per row
+manages a few thousand rows/s with FULL; grouped, tens of thousands).
 """
 
 from __future__ import annotations
