@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
+from agent.config import load_config
 from agent.runtime.spec import parse_spec
 from agent.trust.predicate import parse_predicate
 from tests.support.procs import REPO
@@ -53,3 +55,27 @@ def test_workload_module_example_parses_with_the_spec_parser() -> None:
                 and b["trigger"].get("type") == "topic")
     spec = parse_spec(parse_predicate({"kind": "module", "name": "thermostat", "version": 1, **meta}).raw)
     assert spec.topics == ("factory/+/+/temp",) and spec.config["metric"] == "temp"
+
+
+DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_every_json_block_in_the_docs_is_json() -> None:
+    bad = []
+    for doc in DOC_FILES:
+        for block in re.findall(r"```json\n(.*?)\n```", doc.read_text(), flags=re.S):
+            try:
+                json.loads(block)
+            except ValueError as exc:
+                bad.append(f"{doc.name}: {exc}: {block[:80]!r}")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_toml_block_in_the_docs_is_a_valid_agent_config(tmp_path: Path) -> None:
+    blocks = [(doc.name, b) for doc in DOC_FILES
+              for b in re.findall(r"```toml\n(.*?)```", doc.read_text(), flags=re.S)]
+    assert blocks
+    for i, (name, block) in enumerate(blocks):
+        path = tmp_path / f"{i}-{name}.toml"
+        path.write_text(block)
+        load_config(path)  # raises ConfigError naming the key if the docs drifted from the schema
