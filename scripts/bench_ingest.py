@@ -37,15 +37,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.config.model import LocalBrokerSettings  # noqa: E402
+from agent.config.modules import ModuleSettings  # noqa: E402
+from agent.config.pipeline import PipelineSettings  # noqa: E402
 from agent.control.pipeline import Pipeline  # noqa: E402
-from agent.control.settings import PipelineSettings  # noqa: E402
 from agent.logs import configure  # noqa: E402
 from agent.messaging.bus import BusMessage, LocalBus  # noqa: E402
 from agent.messaging.ingest import Ingest  # noqa: E402
 from agent.policy.engine import load_policy  # noqa: E402
 from agent.policy.registry import PolicyRegistry  # noqa: E402
 from agent.runtime.modules import ModuleRuntime  # noqa: E402
-from agent.runtime.settings import ModuleSettings  # noqa: E402
 from agent.storage import Store  # noqa: E402
 from tests.support.broker import Broker  # noqa: E402
 from tests.support.localbus import persistence_conf  # noqa: E402

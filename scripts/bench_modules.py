@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.config.modules import ModuleSettings
 from agent.runtime import codecache
 from agent.runtime.engine import shared_engine
 from agent.runtime.modules import ModuleRuntime
 from agent.runtime.runner import Limits, ModuleRunner
-from agent.runtime.settings import ModuleSettings
 from agent.storage import Store
 
 REPO = Path(__file__).resolve().parents[1]

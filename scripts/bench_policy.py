@@ -86,8 +86,8 @@ const [wasm, dataF, inputsF, ep, nS] = process.argv.slice(2);
 
 
 def bench_ours(wasm: bytes, n: int, fast: bool) -> tuple[list[Any], dict[str, float]]:
+    from agent.config.policy import PolicySettings
     from agent.policy.engine import load_policy
-    from agent.policy.settings import PolicySettings
     p = load_policy(wasm, data=RBAC_DATA, settings=PolicySettings(fast_calls=fast))
     results = [p.evaluate(i, ENTRYPOINT).raw for i in INPUTS]
     for k in range(2000):

@@ -22,12 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from agent.clock import now  # noqa: E402
+from agent.config.sync import KubeEdgeSettings, OutboxSettings  # noqa: E402
 from agent.logs import configure  # noqa: E402
 from agent.storage import Store  # noqa: E402
 from agent.sync.drain import Drainer  # noqa: E402
 from agent.sync.kubeedge import TwinSync  # noqa: E402
 from agent.sync.outbox import enqueue_job, make_record, measure_pages  # noqa: E402
-from agent.sync.settings import KubeEdgeSettings, OutboxSettings  # noqa: E402
 from tests.support.broker import running_broker  # noqa: E402
 from tests.support.edgecore import EdgeCorePeer  # noqa: E402
 from tests.test_sync_support import Consumer  # noqa: E402

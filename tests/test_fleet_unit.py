@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config
+from agent.config.fleet import FleetSettings
 from agent.errors import ConfigError
 from agent.fleet.envelope import EnvelopeError, decode, encode
 from agent.fleet.health import HealthRules, HealthSample, judge, quantile_us
 from agent.fleet.link import LinkConfig, backoff_delay
 from agent.fleet.reporter import ReleaseStatus
 from agent.fleet.rollout import Rollout, table
-from agent.fleet.settings import FleetSettings
 from agent.fleet.topics import Scope, TopicError, Topics, addresses
 
 T = Topics()

@@ -17,7 +17,7 @@ import pytest
 
 from agent.clock import Stamp, boot_id, now
 from agent.config.model import LocalBrokerSettings
-from agent.control.settings import PipelineSettings
+from agent.config.pipeline import PipelineSettings
 from agent.messaging.bus import LocalBus, PublishRefused
 from agent.messaging.ingest import Ingest, store_batch_job
 from agent.messaging.readings import Reading

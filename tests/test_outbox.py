@@ -12,6 +12,7 @@ import pytest
 
 from agent.clock import Stamp
 from agent.config import AgentConfig
+from agent.config.sync import DAY, OutboxSettings
 from agent.status import Report
 from agent.storage import Store
 from agent.sync.outbox import (
@@ -24,7 +25,6 @@ from agent.sync.outbox import (
     make_record,
     pull_decisions_job,
 )
-from agent.sync.settings import DAY, OutboxSettings
 from agent.sync.status import outbox_section
 
 WALL0 = 1_780_000_000.0  # a plausible wall time (2026)

@@ -17,16 +17,16 @@ import aiomqtt
 import pytest
 
 from agent.config.model import LocalBrokerSettings
+from agent.config.modules import ModuleSettings
+from agent.config.pipeline import PipelineSettings
 from agent.control.contract import verdict
 from agent.control.pipeline import Pipeline
-from agent.control.settings import PipelineSettings
 from agent.messaging.bus import LocalBus
 from agent.messaging.ingest import Ingest
 from agent.policy.engine import encode_input, load_policy
 from agent.policy.registry import PolicyRegistry
 from agent.runtime.contract import Actuation, ModuleOutput, Property
 from agent.runtime.modules import ModuleRuntime
-from agent.runtime.settings import ModuleSettings
 from agent.storage import Store
 from tests.modules.support import example
 from tests.policies.build import build

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
+from agent.config.policy import PolicySettings
 from agent.policy.builtins import default_builtins
 from agent.policy.engine import NO_INPUT, Policy, PolicyEvalError, PolicyLoadError, load_policy
 from agent.policy.errors import BuiltinError
 from agent.policy.registry import PolicyRegistry
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext
-from agent.policy.settings import PolicySettings
 from tests.policies.build import build
 
 RBAC_DATA: dict[str, Any] = {"app": {"rbac": {

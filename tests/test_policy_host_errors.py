@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import wasmtime._func as wasmtime_func
 
+from agent.config.policy import PolicySettings
 from agent.policy.builtins import default_builtins
 from agent.policy.engine import Policy, PolicyEvalError, load_policy
 from agent.policy.errors import BuiltinError
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext
-from agent.policy.settings import PolicySettings
 from agent.runtime.engine import WasmEngine
 from tests.policies.build import build
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import pytest
 
+from agent.config.policy import PolicySettings
 from agent.policy.engine import NO_INPUT, Policy, PolicyEvalError, load_policy
-from agent.policy.settings import PolicySettings
 from tests.policies.build import build
 
 HERE = Path(__file__).resolve().parent

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import wasmtime
 
-from agent.policy.settings import PolicySettings
+from agent.config.modules import ModuleSettings
+from agent.config.policy import PolicySettings
 from agent.runtime import codecache
 from agent.runtime.engine import shared_engine
-from agent.runtime.settings import ModuleSettings
 from agent.storage import Store
 from agent.trust import errors as E
 from agent.trust.releases import ReleaseStore

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 
+from agent.config.sync import OutboxSettings
 from agent.errors import StorageFull
 from agent.storage import Store
 from agent.sync.outbox import Outbox
 from agent.sync.service import OutboxService
-from agent.sync.settings import OutboxSettings
 from tests.support.localbus import persistent_broker, publish_counted
 from tests.support.procs import agent_process, status_json
 from tests.test_ingest_faults import query, wait_until

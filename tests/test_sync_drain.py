@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from agent.clock import Stamp
+from agent.config.sync import OutboxSettings
 from agent.storage import Store
 from agent.sync.drain import Drainer, parse_url
 from agent.sync.outbox import OutboxError, enqueue_job, make_record
-from agent.sync.settings import OutboxSettings
 from tests.support.broker import Broker
 from tests.test_sync_support import Consumer, kill, start_drain_child
 

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 
 from agent.clock import Stamp
+from agent.config.sync import KubeEdgeSettings, OutboxSettings
 from agent.storage import Store
 from agent.sync import twins
 from agent.sync.drain import Drainer
 from agent.sync.kubeedge import TwinSync
 from agent.sync.outbox import Outbox, enqueue_job, make_record
 from agent.sync.service import OutboxService
-from agent.sync.settings import KubeEdgeSettings, OutboxSettings
 from tests.support.broker import Broker
 from tests.support.edgecore import EdgeCorePeer
 from tests.test_sync_support import Consumer

@@ -80,7 +80,7 @@ DRAIN_CHILD = textwrap.dedent("""
     from pathlib import Path
     from agent.storage import Store
     from agent.sync.drain import Drainer
-    from agent.sync.settings import OutboxSettings
+    from agent.config.sync import OutboxSettings
 
     state, url, rate = Path(sys.argv[1]), sys.argv[2], float(sys.argv[3])
     settings = OutboxSettings(uplink_url=url, jitter_max_s=0.0, batch_records=50, inflight=8,

@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from agent.config.schema import parse
+from agent.config.sync import KubeEdgeSettings
 from agent.sync import twins
-from agent.sync.settings import KubeEdgeSettings
 
 DIR = Path(__file__).resolve().parents[1] / "configs" / "kubeedge"
 TYPE_MAP = {"FLOAT": "float", "DOUBLE": "float", "INT": "int", "BOOLEAN": "boolean", "STRING": "string"}

@@ -12,10 +12,10 @@ from typing import Any
 import aiomqtt
 import pytest
 
+from agent.config.sync import KubeEdgeDevice, KubeEdgeSettings
 from agent.storage import Store
 from agent.sync import twins
 from agent.sync.kubeedge import TwinSync
-from agent.sync.settings import KubeEdgeDevice, KubeEdgeSettings
 from tests.support.broker import Broker
 from tests.support.edgecore import ERROR_TOPIC, EdgeCorePeer
 

@@ -71,9 +71,9 @@ def _release_bytes(args: argparse.Namespace, name: str) -> tuple[bytes, int, Any
 
 
 def handle_eval(args: argparse.Namespace) -> int:
+    from agent.config.policy import PolicySettings
     from agent.logs import configure
     from agent.policy.engine import load_policy
-    from agent.policy.settings import PolicySettings
 
     configure(level="error")  # logs go to stderr: stdout carries only result sets
     settings = PolicySettings()

@@ -1,8 +1,10 @@
-"""The configuration model: one frozen dataclass per TOML table.
+"""The configuration model: one frozen dataclass per TOML table, the whole schema in this package.
 
-Each subsystem declares its own table here (or in its package, imported here) so the whole
-schema is visible in one place; ``configs/agent.example.toml`` documents every key and a test
-checks the two agree.
+The root tables (``[agent]``, ``[storage]``, ``[local_broker]``) are here; each subsystem's table
+has its own module next to this one (``policy``, ``modules``, ``pipeline``, ``sync``, ``fleet``), so
+the config package depends on nothing but the schema helpers and every other package can import
+its settings without a cycle. ``configs/agent.example.toml`` documents every key and a test checks
+the two agree.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from agent.config.fleet import FleetSettings
+from agent.config.modules import ModuleSettings
+from agent.config.pipeline import PipelineSettings
+from agent.config.policy import PolicySettings
 from agent.config.schema import non_empty, non_negative, port, positive, setting
-from agent.control.settings import PipelineSettings
-from agent.fleet.settings import FleetSettings
-from agent.policy.settings import PolicySettings
-from agent.runtime.settings import ModuleSettings
-from agent.sync.settings import KubeEdgeSettings, OutboxSettings
+from agent.config.sync import KubeEdgeSettings, OutboxSettings
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from typing import Any, Protocol
 import sqlite_utils
 
 from agent.clock import Stamp, now
+from agent.config.pipeline import PipelineSettings
 from agent.control.contract import Verdict, verdict
-from agent.control.settings import PipelineSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.policy.engine import encode_input

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.config.fleet import FleetSettings
 from agent.daemon.context import Context
 from agent.fleet.health import HealthRules
 from agent.fleet.link import FleetLink, LinkConfig
 from agent.fleet.receiver import ReleaseReceiver
 from agent.fleet.reporter import StatusReporter
-from agent.fleet.settings import FleetSettings
 from agent.fleet.swap import SwapOrchestrator
 from agent.fleet.topics import Topics
 from agent.fleet.watches import Watch, check_at_start

@@ -39,6 +39,7 @@ from typing import Any
 
 import wasmtime
 
+from agent.config.policy import PolicySettings
 from agent.errors import AgentError
 from agent.fleet import watches
 from agent.fleet.health import HealthRules, HealthSample, judge, quantile_us
@@ -51,7 +52,6 @@ from agent.policy.bundle import is_bundle, read_bundle
 from agent.policy.engine import LATENCY_BUCKETS_US, Policy, load_policy
 from agent.policy.errors import PolicyLoadError
 from agent.policy.registry import PolicyRegistry
-from agent.policy.settings import PolicySettings
 from agent.runtime import codecache
 from agent.runtime.engine import shared_engine
 from agent.runtime.modules import ModuleRuntime

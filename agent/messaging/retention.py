@@ -14,7 +14,7 @@ from collections.abc import Callable
 import sqlite_utils
 
 from agent.clock import Stamp, now
-from agent.control.settings import PipelineSettings
+from agent.config.pipeline import PipelineSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.storage import Store

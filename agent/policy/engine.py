@@ -46,6 +46,7 @@ from typing import Any, NoReturn
 
 import wasmtime
 
+from agent.config.policy import PolicySettings
 from agent.logs import get_logger
 from agent.policy import calls as _calls_mod
 from agent.policy.bundle import BundleError, is_bundle, read_bundle
@@ -63,7 +64,6 @@ from agent.policy.calls import (
 )
 from agent.policy.errors import BuiltinError, PolicyEvalError, PolicyLoadError
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext, Builtins
-from agent.policy.settings import PolicySettings
 from agent.runtime.engine import WasmEngine, shared_engine
 
 __all__ = ["NO_INPUT", "Policy", "PolicyEvalError", "PolicyLoadError", "ResultSet", "encode_input", "load_policy"]

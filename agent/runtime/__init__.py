@@ -1,7 +1,1 @@
-"""runtime package: the shared Wasm engine and the workload-module runtime.
-
-``agent.config`` is imported first on purpose: the config model imports this package's
-``settings`` module, so entering through ``agent.runtime.*`` must not start that cycle halfway.
-"""
-
-import agent.config  # noqa: F401
+"""runtime package: the workload-module runtime (Wasm modules run under WASI, scheduled and triggered)."""

@@ -30,6 +30,7 @@ import sqlite_utils
 import wasmtime
 
 from agent import clock
+from agent.config.modules import ModuleSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.offload import run_blocking
@@ -47,7 +48,6 @@ from agent.runtime.contract import (
 from agent.runtime.engine import WasmEngine, shared_engine
 from agent.runtime.registry import LoadedModule, ModuleNotLoaded, ModuleRegistry
 from agent.runtime.runner import Limits, ModuleRunner, Permissions, RawRun
-from agent.runtime.settings import ModuleSettings
 from agent.runtime.spec import ModuleSpec, ReadingsQuery, effective_limits, parse_spec, topic_matches
 from agent.storage import Store
 

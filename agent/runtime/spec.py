@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.config.modules import ModuleSettings
 from agent.runtime.contract import ModuleError
-from agent.runtime.settings import ModuleSettings
 
 TRIGGER_TYPES = ("schedule", "topic", "mixed", "manual")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-# the config model imports our settings module: load it first so importing agent.sync.* alone works
-import agent.config  # noqa: F401
-
 if TYPE_CHECKING:
     from agent.daemon.context import Context, Service
 

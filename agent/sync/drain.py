@@ -32,13 +32,13 @@ import sqlite_utils
 
 from agent import clock
 from agent.clock import Stamp
+from agent.config.sync import OutboxSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.offload import run_blocking
 from agent.storage import Store
 from agent.storage.db import connect_reader
 from agent.sync.outbox import Outbox, OutboxClass
-from agent.sync.settings import OutboxSettings
 
 log = get_logger("outbox")
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import aiomqtt
 
+from agent.config.sync import KubeEdgeSettings
 from agent.logs import get_logger
 from agent.offload import run_blocking
 from agent.storage import Store
@@ -28,7 +29,6 @@ from agent.storage.db import connect_reader
 from agent.storage.store import kv_set_job
 from agent.sync import twins
 from agent.sync.drain import TokenBucket
-from agent.sync.settings import KubeEdgeSettings
 from agent.sync.twins import DeviceRef, TwinValueError
 
 log = get_logger("kubeedge")

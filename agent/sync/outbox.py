@@ -38,10 +38,10 @@ import sqlite_utils
 
 from agent import clock
 from agent.clock import BootSpan, Stamp
+from agent.config.sync import OutboxSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.storage.writer import Writer
-from agent.sync.settings import OutboxSettings
 
 log = get_logger("outbox")
 

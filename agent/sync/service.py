@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from agent import clock
+from agent.config.sync import OutboxSettings
 from agent.errors import StorageError
 from agent.logs import get_logger
 from agent.offload import run_blocking
@@ -19,7 +20,6 @@ from agent.sync.outbox import (
     pull_decisions_job,
     pull_events_job,
 )
-from agent.sync.settings import OutboxSettings
 
 log = get_logger("outbox")
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from agent.config.sync import KubeEdgeDevice, KubeEdgeSettings
 from agent.errors import AgentError
-from agent.sync.settings import KubeEdgeDevice, KubeEdgeSettings
 
 TWIN_NAME = re.compile(r"[a-zA-Z0-9\-_.,:/@#]{1,128}")
 TWIN_VALUE = re.compile(r"[a-zA-Z0-9\-_.,:/@#]{1,512}")

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 
 from agent import offload
+from agent.config.modules import ModuleSettings
+from agent.config.policy import PolicySettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.policy.registry_builtins import Builtins
-from agent.policy.settings import PolicySettings
-from agent.runtime.settings import ModuleSettings
 from agent.storage import Store
 from agent.trust.catalog import (
     _COLS,

@@ -28,10 +28,10 @@ from agent.trust.errors import ModuleUnsupported, PolicyUnsupported, ReleaseReje
 if TYPE_CHECKING:
     import wasmtime
 
+    from agent.config.modules import ModuleSettings
+    from agent.config.policy import PolicySettings
     from agent.policy.registry_builtins import Builtins
-    from agent.policy.settings import PolicySettings
     from agent.runtime.engine import WasmEngine
-    from agent.runtime.settings import ModuleSettings
     from agent.trust.verify import VerifiedRelease
 
 

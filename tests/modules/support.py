@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from agent.config.modules import ModuleSettings
 from agent.runtime.modules import ModuleRuntime
-from agent.runtime.settings import ModuleSettings
 from agent.storage import Store
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,15 +17,15 @@ from typing import Any
 
 import aiomqtt
 
+from agent.config.fleet import FleetSettings
+from agent.config.modules import ModuleSettings
 from agent.fleet.envelope import encode
 from agent.fleet.link import LinkConfig, client_kwargs
 from agent.fleet.reporter import parse_status
 from agent.fleet.service import FleetAgent
-from agent.fleet.settings import FleetSettings
 from agent.fleet.topics import Scope, Topics
 from agent.policy.registry import PolicyRegistry
 from agent.runtime.modules import ModuleRuntime
-from agent.runtime.settings import ModuleSettings
 from agent.storage import Store
 from agent.trust.releases import ReleaseStore
 from tests.policies.build import build, uleb
