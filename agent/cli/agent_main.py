@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agent.cli import policy_cmd, run_cmd, status_cmd
+from agent.cli import policy_cmd, run_cmd, status_cmd, trust_cmd
 from agent.cli.common import Registrar, run_cli
-from agent.trust import cli as trust_cli
 
-COMMANDS: list[Registrar] = [run_cmd.register, status_cmd.register, trust_cli.register_trust,
-                             trust_cli.register_install, policy_cmd.register]
+COMMANDS: list[Registrar] = [run_cmd.register, status_cmd.register, trust_cmd.register_trust,
+                             trust_cmd.register_install, policy_cmd.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,14 @@ EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 
+
+
+class CliError(AgentError):
+    """A command cannot do what was asked with the files and options it was given."""
+
+    code = "cli_error"
+
+
 Handler = Callable[[argparse.Namespace], int]
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -27,6 +35,14 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace) -> AgentConfig:
     return load_config(args.config, args.state_dir)
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of a file the user named, or an error saying which file and why it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
 def run_cli(prog: str, description: str, registrars: Sequence[Registrar], argv: Sequence[str] | None) -> int:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agent.cli import keys_cmd, push_cmd
 from agent.cli.common import Registrar, run_cli
-from agent.fleet import cli as fleet_push_cli
-from agent.trust import fleet_cli
 
-COMMANDS: list[Registrar] = [fleet_cli.register, fleet_push_cli.register_push, fleet_push_cli.register_rollout]
+COMMANDS: list[Registrar] = [keys_cmd.register, push_cmd.register_push, push_cmd.register_rollout]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.cli.common import EXIT_FAIL, EXIT_OK, add_config_options, config_from
+from agent.cli.common import EXIT_FAIL, EXIT_OK, add_config_options, config_from, read_file
 from agent.storage import Store
-from agent.trust.errors import ReleaseRejected, TrustError
+from agent.trust.errors import ReleaseRejected
 from agent.trust.predicate import KINDS
 
 # crypto and the verifier are imported inside the handlers: every `edge-agent` command parses this
@@ -32,13 +32,6 @@ def open_store(args: argparse.Namespace) -> Iterator[Store]:
         yield store
     finally:
         store.close()
-
-
-def read_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise TrustError(f"cannot read the {what} {path}: {exc.strerror}") from None
 
 
 def _kinds(values: list[str] | None) -> tuple[str, ...]:

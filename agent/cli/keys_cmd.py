@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import EXIT_FAIL, EXIT_OK
-from agent.trust.cli import read_file
+from agent.cli.common import EXIT_FAIL, EXIT_OK, read_file
 from agent.trust.errors import ReleaseRejected, TrustError
 from agent.trust.keys import KEY_TYPES, PrivateKey, generate, load_private_pem, load_public_pem
 from agent.trust.predicate import KINDS
