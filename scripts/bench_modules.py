@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.config.modules import ModuleSettings
-from agent.runtime import codecache
-from agent.runtime.engine import shared_engine
 from agent.runtime.modules import ModuleRuntime
 from agent.runtime.runner import Limits, ModuleRunner
 from agent.storage import Store
+from agent.wasm import codecache
+from agent.wasm.engine import shared_engine
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "examples" / "build"

@@ -105,8 +105,8 @@ def bench_ours(wasm: bytes, n: int, fast: bool) -> tuple[list[Any], dict[str, fl
 
 def bench_floor(wasm: bytes, n: int = 20000) -> dict[str, float]:
     """One trivial guest call (opa_heap_ptr_get) through the public API and through the fast path."""
-    from agent.policy.calls import FastCalls, PublicCalls
     from agent.policy.engine import load_policy
+    from agent.wasm.calls import FastCalls, PublicCalls
     p = load_policy(wasm, data=RBAC_DATA)
     inst = p._idle[0]
     out: dict[str, float] = {}

@@ -28,14 +28,14 @@ import wasmtime
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent.runtime import codecache  # noqa: E402
-from agent.runtime.engine import WasmEngine  # noqa: E402
 from agent.storage import Store  # noqa: E402
 from agent.trust.keys import KeyType, generate  # noqa: E402
 from agent.trust.releases import ReleaseStore  # noqa: E402
 from agent.trust.signer import sign_release  # noqa: E402
 from agent.trust.truststore import TrustedKey, TrustSet, add_key  # noqa: E402
 from agent.trust.verify import verify_release  # noqa: E402
+from agent.wasm import codecache  # noqa: E402
+from agent.wasm.engine import WasmEngine  # noqa: E402
 
 
 def padded_wasm(size: int) -> bytes:
@@ -72,8 +72,8 @@ def policy_sized_wasm(target: int = 140_000) -> bytes:
 _CHILD = """
 import sys, time
 from pathlib import Path
-from agent.runtime import codecache
-from agent.runtime.engine import WasmEngine
+from agent.wasm import codecache
+from agent.wasm.engine import WasmEngine
 from agent.storage.db import connect_reader
 engine = WasmEngine()
 def miss():

@@ -489,7 +489,7 @@ def test_stdout_cap_is_exact_for_every_write_pattern_and_sink(memfd: bool, monke
     import wasmtime
 
     from agent.runtime import runner as R
-    from agent.runtime.engine import shared_engine
+    from agent.wasm.engine import shared_engine
 
     if memfd and not R.MEMFD_OUTPUT:
         pytest.skip("no memfd output sink on this platform")

@@ -292,9 +292,9 @@ def test_optional_println_import_and_large_inputs_move_memory() -> None:
 
 
 def test_code_cache_is_used_for_installed_artifacts(tmp_path: Path) -> None:
-    from agent.runtime import codecache
-    from agent.runtime.engine import shared_engine
     from agent.storage import Store
+    from agent.wasm import codecache
+    from agent.wasm.engine import shared_engine
     store = Store.open(tmp_path)
     try:
         wasm = build("rbac")
@@ -312,7 +312,7 @@ def test_code_cache_is_used_for_installed_artifacts(tmp_path: Path) -> None:
 
 
 def test_fast_path_unavailable_falls_back_to_public_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agent.policy import calls
+    from agent.wasm import calls
     monkeypatch.setattr(calls, "FAST_AVAILABLE", False)
     p = rbac(fast=True)
     assert isinstance(p._idle[0].calls, calls.PublicCalls)

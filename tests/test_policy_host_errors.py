@@ -15,7 +15,7 @@ from agent.policy.builtins import default_builtins
 from agent.policy.engine import Policy, PolicyEvalError, load_policy
 from agent.policy.errors import BuiltinError
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext
-from agent.runtime.engine import WasmEngine
+from agent.wasm.engine import WasmEngine
 from tests.policies.build import build
 
 

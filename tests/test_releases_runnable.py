@@ -11,12 +11,12 @@ import wasmtime
 
 from agent.config.modules import ModuleSettings
 from agent.config.policy import PolicySettings
-from agent.runtime import codecache
-from agent.runtime.engine import shared_engine
 from agent.storage import Store
 from agent.trust import errors as E
 from agent.trust.releases import ReleaseStore
 from agent.trust.truststore import add_key
+from agent.wasm import codecache
+from agent.wasm.engine import shared_engine
 from tests.support.releases import Signer, opa_bundle, policy_wasm, wasm_module
 
 

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import wasmtime
 
-from agent.runtime import codecache
-from agent.runtime.engine import WasmEngine
 from agent.storage import Store
 from agent.storage.migrations import COMPONENTS
 from agent.trust import errors as E
 from agent.trust.releases import ReleaseStore, ReleaseStoreError
 from agent.trust.timekeeper import advance_job, last_good_time, trusted_now
 from agent.trust.truststore import add_key
+from agent.wasm import codecache
+from agent.wasm.engine import WasmEngine
 from tests.support import dsse_independent as indep
 from tests.support.releases import Signer, opa_bundle, policy_wasm, wasm_module
 

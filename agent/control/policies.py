@@ -19,8 +19,8 @@ from agent.offload import run_blocking
 from agent.policy.bundle import is_bundle, read_bundle
 from agent.policy.engine import Policy, load_policy
 from agent.policy.registry import shared_registry
-from agent.runtime import codecache
-from agent.runtime.engine import shared_engine
+from agent.wasm import codecache
+from agent.wasm.engine import shared_engine
 
 log = get_logger("pipeline")
 

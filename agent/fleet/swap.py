@@ -52,13 +52,13 @@ from agent.policy.bundle import is_bundle, read_bundle
 from agent.policy.engine import LATENCY_BUCKETS_US, Policy, load_policy
 from agent.policy.errors import PolicyLoadError
 from agent.policy.registry import PolicyRegistry
-from agent.runtime import codecache
-from agent.runtime.engine import shared_engine
 from agent.runtime.modules import ModuleRuntime
 from agent.storage import Store
 from agent.storage.db import connect_reader
 from agent.trust.errors import ReleaseRejected
 from agent.trust.releases import Release, ReleaseStore, ReleaseStoreError
+from agent.wasm import codecache
+from agent.wasm.engine import shared_engine
 
 log = get_logger("fleet")
 

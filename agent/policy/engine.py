@@ -30,7 +30,7 @@ passed, and an evaluation that called a builtin and ends past the deadline fails
 
 Host-function errors (builtin failures, ``opa_abort``) are kept on the failing instance, never taken
 from wasmtime-py's process-global exception slot, so concurrent evaluations on several threads each
-report their own error (see :mod:`agent.policy.calls`; the fast path does not use the slot at all).
+report their own error (see :mod:`agent.wasm.calls`; the fast path does not use the slot at all).
 """
 
 from __future__ import annotations
@@ -48,9 +48,11 @@ import wasmtime
 
 from agent.config.policy import PolicySettings
 from agent.logs import get_logger
-from agent.policy import calls as _calls_mod
 from agent.policy.bundle import BundleError, is_bundle, read_bundle
-from agent.policy.calls import (
+from agent.policy.errors import BuiltinError, PolicyEvalError, PolicyLoadError
+from agent.policy.registry_builtins import UNDEFINED, BuiltinContext, Builtins
+from agent.wasm import calls as _calls_mod
+from agent.wasm.calls import (
     _MEM_DATA,
     _MEM_SIZE,
     _SET_DEADLINE,
@@ -62,9 +64,7 @@ from agent.policy.calls import (
     forget_host_exception,
     make_calls,
 )
-from agent.policy.errors import BuiltinError, PolicyEvalError, PolicyLoadError
-from agent.policy.registry_builtins import UNDEFINED, BuiltinContext, Builtins
-from agent.runtime.engine import WasmEngine, shared_engine
+from agent.wasm.engine import WasmEngine, shared_engine
 
 __all__ = ["NO_INPUT", "Policy", "PolicyEvalError", "PolicyLoadError", "ResultSet", "encode_input", "load_policy"]
 
@@ -764,7 +764,7 @@ def load_policy(source: bytes | Path, *, data: dict[str, Any] | None = None,
     :func:`agent.policy.builtins.default_builtins`; pass a copy with agent-provided builtins
     registered. ``module`` lets the caller pass precompiled code; ``code_cache`` (a
     ``agent.storage.Store`` or reader connection) looks the artifact's sha256 up in
-    ``agent.runtime.codecache`` and compiles + caches on a miss. Otherwise the Wasm is compiled here
+    ``agent.wasm.codecache`` and compiles + caches on a miss. Otherwise the Wasm is compiled here
     (slow — call through ``agent.offload.run_blocking`` in the daemon).
     Raises :class:`PolicyLoadError` with a message naming what is wrong.
     """
@@ -791,7 +791,7 @@ def load_policy(source: bytes | Path, *, data: dict[str, Any] | None = None,
     else:
         wasm = blob
     if module is None and code_cache is not None:
-        from agent.runtime import codecache
+        from agent.wasm import codecache
         if wasm[:4] != b"\0asm":
             raise PolicyLoadError("policy is not a WebAssembly module (no \\0asm header) nor a .tar.gz bundle")
         try:

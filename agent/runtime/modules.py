@@ -34,7 +34,6 @@ from agent.config.modules import ModuleSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.offload import run_blocking
-from agent.runtime import codecache
 from agent.runtime import runner as R
 from agent.runtime.contract import (
     ModuleError,
@@ -45,11 +44,12 @@ from agent.runtime.contract import (
     make_trigger,
     parse_output,
 )
-from agent.runtime.engine import WasmEngine, shared_engine
 from agent.runtime.registry import LoadedModule, ModuleNotLoaded, ModuleRegistry
 from agent.runtime.runner import Limits, ModuleRunner, Permissions, RawRun
 from agent.runtime.spec import ModuleSpec, ReadingsQuery, effective_limits, parse_spec, topic_matches
 from agent.storage import Store
+from agent.wasm import codecache
+from agent.wasm.engine import WasmEngine, shared_engine
 
 if TYPE_CHECKING:
     from agent.runtime.scheduler import ModuleScheduler

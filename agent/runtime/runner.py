@@ -26,7 +26,7 @@ from typing import Any
 import wasmtime
 
 from agent.logs import get_logger
-from agent.runtime.engine import WasmEngine
+from agent.wasm.engine import WasmEngine
 
 log = get_logger("modules")
 

@@ -209,7 +209,7 @@ class ReleaseStore:
 
     def _cache_job(self, v: VerifiedRelease, runnable: Runnable) -> Callable[[sqlite_utils.Database], None]:
         """Store freshly compiled code with the release (same transaction), so the daemon skips the compile."""
-        from agent.runtime import codecache
+        from agent.wasm import codecache
 
         key = codecache.cache_key(self.store.path.parent, create=True) if runnable.code is not None else None
 

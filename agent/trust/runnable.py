@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from agent.config.modules import ModuleSettings
     from agent.config.policy import PolicySettings
     from agent.policy.registry_builtins import Builtins
-    from agent.runtime.engine import WasmEngine
     from agent.trust.verify import VerifiedRelease
+    from agent.wasm.engine import WasmEngine
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _compile(v: VerifiedRelease, wasm: bytes, conn: sqlite3.Connection, engine: 
              rejected: type[ReleaseRejected]) -> Runnable:
     import wasmtime
 
-    from agent.runtime import codecache
+    from agent.wasm import codecache
 
     cached = codecache.lookup(conn, engine, v.sha256)
     if cached is not None:
@@ -66,7 +66,7 @@ def check_policy(v: VerifiedRelease, artifact: bytes, conn: sqlite3.Connection, 
     """Load the policy exactly as the daemon will; raise :class:`PolicyUnsupported` if it cannot."""
     from agent.policy.bundle import read_bundle
     from agent.policy.engine import load_policy
-    from agent.runtime.engine import shared_engine
+    from agent.wasm.engine import shared_engine
 
     wasm_engine = engine or shared_engine()
     wasm = read_bundle(artifact).wasm if v.artifact_format == "opa_bundle" else artifact
@@ -90,9 +90,9 @@ def check_policy(v: VerifiedRelease, artifact: bytes, conn: sqlite3.Connection, 
 def check_module(v: VerifiedRelease, artifact: bytes, conn: sqlite3.Connection, *, settings: ModuleSettings,
                  engine: WasmEngine | None = None) -> Runnable:
     """Read the run spec and instantiate the module as a run would; raise :class:`ModuleUnsupported`."""
-    from agent.runtime.engine import shared_engine
     from agent.runtime.runner import Limits, ModuleRunner
     from agent.runtime.spec import ModuleSpecInvalid, effective_limits, parse_spec
+    from agent.wasm.engine import shared_engine
 
     try:
         spec = parse_spec(v.predicate.raw)

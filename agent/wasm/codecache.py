@@ -27,8 +27,8 @@ import wasmtime
 
 from agent import offload
 from agent.logs import get_logger
-from agent.runtime.engine import WasmEngine
 from agent.storage import Store
+from agent.wasm.engine import WasmEngine
 
 log = get_logger("runtime")
 
