@@ -10,9 +10,9 @@
 #   DEMO_CONFIG=… DEMO_DIR=…              # another config / working dir (the test runs it on a free port)
 #
 # Later issues add steps without editing this file: drop a script into
-#   scripts/demo.d/pre/NN-name.sh   sourced in order BEFORE the daemon starts (e.g. install signed releases)
-#   scripts/demo.d/run/NN-name.sh   sourced in order WHILE the daemon runs (e.g. a simulated line)
-#   scripts/demo.d/post/NN-name.sh  sourced in order after the run time, BEFORE `status` (e.g. check the twins)
+#   scripts/demo/pre/NN-name.sh   sourced in order BEFORE the daemon starts (e.g. install signed releases)
+#   scripts/demo/run/NN-name.sh   sourced in order WHILE the daemon runs (e.g. a simulated line)
+#   scripts/demo/post/NN-name.sh  sourced in order after the run time, BEFORE `status` (e.g. check the twins)
 # Hooks see: REPO, PY, AGENT (edge-agent command), CONFIG, STATE_DIR, DEMO_DIR, BROKER_HOST, BROKER_PORT,
 # AGENT_PID (run hooks), and may call: step "title", start_bg NAME CMD… (a background process stopped by
 # pid at exit; its pid is in BG_PIDS[NAME]), stop_pid PID, wait_port PORT.
@@ -63,7 +63,7 @@ trap 'exit 130' INT TERM
 
 run_hooks() {  # run_hooks pre|run
   local hook
-  for hook in "$REPO"/scripts/demo.d/"$1"/*.sh; do
+  for hook in "$REPO"/scripts/demo/"$1"/*.sh; do
     [ -e "$hook" ] || continue
     step "hook: ${hook#"$REPO"/}"
     # shellcheck source=/dev/null

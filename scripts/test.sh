@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 [ -f scripts/build-examples.sh ] && bash scripts/build-examples.sh
-.venv/bin/ruff check agent tests scripts
+.venv/bin/ruff check agent agent_devkit tests scripts
 .venv/bin/mypy
-bash scripts/check-arm64.sh
+bash scripts/packaging/check-arm64.sh
 exec .venv/bin/python -m pytest -q "$@"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.storage import Store
-from tests.support.broker import Broker, running_broker
+from agent_devkit.broker import Broker, running_broker
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from agent.config import load_config
 from agent.config.loader import ENV_VAR
 from agent.errors import ConfigError
-from tests.support.procs import run_agent
+from agent_devkit.procs import run_agent
 
 BAD_CONFIGS = [
     # (name, file text, words the message must contain)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import free_port
-from tests.support.procs import REPO
+from agent_devkit import REPO
+from agent_devkit.broker import free_port
 
 
 @pytest.mark.slow

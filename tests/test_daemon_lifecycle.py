@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.procs import agent_process, status_json
+from agent_devkit.procs import agent_process, status_json
 
 
 def test_ready_watchdog_and_clean_stop(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support.procs import REPO, agent_process, run_agent
+from agent_devkit import REPO
+from agent_devkit.procs import agent_process, run_agent
 
 SECRET = "Pa55-w0rd-do-not-log-7f3a"
 UPLINK_SECRET = "uplink-s3cret-91bc"

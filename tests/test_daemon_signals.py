@@ -12,7 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.support.procs import REPO, NotifySocket, agent_process, run_agent, status_json
+from agent_devkit import REPO
+from agent_devkit.procs import NotifySocket, agent_process, run_agent, status_json
 
 
 def _config(path: Path, state: Path, level: str = "info", heartbeat: float = 0.5) -> Path:

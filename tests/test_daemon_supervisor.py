@@ -20,7 +20,7 @@ from agent.daemon.notify import Notifier
 from agent.daemon.supervisor import ServiceDied, Supervisor
 from agent.errors import StorageError
 from agent.storage import Store
-from tests.support.procs import NotifySocket
+from agent_devkit.procs import NotifySocket
 
 
 def _watchdogs(sock: NotifySocket) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 from agent.config import load_config
 from agent.runtime.spec import parse_spec
 from agent.trust.predicate import parse_predicate
-from tests.support.procs import REPO
+from agent_devkit import REPO
 
 FLEET = (REPO / "docs" / "fleet.md").read_text()
 AUTHORING = (REPO / "docs" / "authoring.md").read_text()

@@ -1,4 +1,4 @@
-"""scripts/edgecore_sim.py (the demo's simulated EdgeCore) as a process on a real Mosquitto: it binds the
+"""scripts/demo/edgecore_sim.py (the demo's simulated EdgeCore) as a process on a real Mosquitto: it binds the
 Devices of configs/kubeedge/device.yaml on its node, types twins by the DeviceModel, answers as EdgeCore
 does (404 for a device on another node, 400 for a value of the wrong type), writes the twins it holds
 and prints them when stopped."""
@@ -16,8 +16,8 @@ from typing import Any
 
 import aiomqtt
 
-from tests.support.broker import Broker
-from tests.support.procs import REPO
+from agent_devkit import REPO
+from agent_devkit.broker import Broker
 
 
 def config_for(tmp_path: Path, broker: Broker) -> Path:
@@ -65,7 +65,7 @@ def test_the_simulated_edgecore_binds_types_answers_and_reports(tmp_path: Path, 
     config = config_for(tmp_path, broker)
     state = tmp_path / "twins.json"
     log = (tmp_path / "sim.log").open("w")
-    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), str(REPO / "scripts" / "edgecore_sim.py"),
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "python"), str(REPO / "scripts" / "demo" / "edgecore_sim.py"),
                              "serve", "--config", str(config), "--state", str(state)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:

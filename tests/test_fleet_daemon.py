@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.broker import Broker
-from tests.support.fleet import NAME, FleetWorld, async_test, fleet_world, manager, sandbox_wasm
-from tests.support.procs import agent_process, status_json
+from agent_devkit.broker import Broker
+from agent_devkit.fleet import NAME, FleetWorld, async_test, fleet_world, manager, sandbox_wasm
+from agent_devkit.procs import agent_process, status_json
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -20,8 +20,8 @@ from agent.cli import fleet_main
 from agent.fleet.link import client_kwargs
 from agent.fleet.reporter import ReleaseStatus
 from agent.fleet.topics import Scope
-from tests.support.fleet import NAME, TOPICS, FleetWorld, async_test, fleet_world, manager, running, sandbox_wasm
-from tests.support.tls import TestPKI
+from agent_devkit.fleet import NAME, TOPICS, FleetWorld, async_test, fleet_world, manager, running, sandbox_wasm
+from agent_devkit.tls import TestPKI
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ from agent.fleet.envelope import encode
 from agent.fleet.topics import Scope
 from agent.policy.errors import PolicyEvalError
 from agent.policy.registry import PolicyRegistry
-from tests.support.fleet import (
+from agent_devkit.fleet import (
     NAME,
     TOPICS,
     FleetWorld,
@@ -306,7 +306,7 @@ async def test_5mb_release_and_broker_killed_mid_transfer(world: FleetWorld) -> 
 @async_test
 async def test_modules_swap_between_runs_and_roll_back_when_runs_fail(world: FleetWorld) -> None:
     from agent.runtime.modules import ModuleRunFailed
-    from tests.modules.support import example, test_module
+    from agent_devkit.examples import example, test_module
 
     gw = world.gateway("gw-m", modules=True, health_window_s=5.0, health_min_evals=3)
     rt = gw.modules

@@ -24,8 +24,8 @@ from agent.storage.db import connect_writer
 from agent.storage.migrations import COMPONENTS, applied_versions, migrate
 from agent.storage.schema import fleet as fleet_schema
 from agent.trust.releases import Release, ReleaseStore
-from tests.support.fleet import NAME, FleetWorld, async_test, custom_section, fleet_world, manager, sandbox_wasm
-from tests.support.releases import Signer
+from agent_devkit.fleet import NAME, FleetWorld, async_test, custom_section, fleet_world, manager, sandbox_wasm
+from agent_devkit.releases import Signer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,8 +14,8 @@ import aiomqtt
 import pytest
 
 from agent.fleet.watches import Watch, all_watches
-from tests.support.broker import Broker
-from tests.support.fleet import (
+from agent_devkit.broker import Broker
+from agent_devkit.fleet import (
     NAME,
     FleetWorld,
     Manager,
@@ -25,8 +25,8 @@ from tests.support.fleet import (
     manager,
     sandbox_wasm,
 )
-from tests.support.procs import AgentProcess, agent_process, status_json
-from tests.support.releases import install
+from agent_devkit.procs import AgentProcess, agent_process, status_json
+from agent_devkit.releases import install
 
 pytestmark = pytest.mark.timeout(120)
 NODE = "gw-watch"
@@ -223,7 +223,7 @@ async def test_a_resumed_window_rolls_back_a_module_that_fails_only_after_the_re
         world: FleetWorld, broker: Broker, tmp_path: Path) -> None:
     """Module v2 runs on readings; none come before the SIGKILL, so its window is clean when the agent
     dies. After the restart the window runs again, the first readings make v2 trap: rolled back to v1."""
-    from tests.modules.support import example, test_module
+    from agent_devkit.examples import example, test_module
 
     state = tmp_path / "state"
     world.signer.trust(state, kinds=("module",))

@@ -23,8 +23,8 @@ from agent.messaging.ingest import Ingest, store_batch_job
 from agent.messaging.readings import Reading
 from agent.messaging.retention import run_retention
 from agent.storage import Store
-from tests.support.broker import Broker
-from tests.support.localbus import persistent_broker, publish_counted
+from agent_devkit.broker import Broker
+from agent_devkit.localbus import persistent_broker, publish_counted
 
 # the broker saves its state after every change, so a SIGKILL of the *broker* loses nothing it acked
 DURABLE_BROKER = "autosave_on_changes true\n"

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.broker import Broker
-from tests.support.localbus import persistent_broker, publish_counted
-from tests.support.procs import AgentProcess, agent_process
+from agent_devkit.broker import Broker
+from agent_devkit.localbus import persistent_broker, publish_counted
+from agent_devkit.procs import AgentProcess, agent_process
 
 TOTAL = 6000
 

@@ -1,4 +1,4 @@
-"""scripts/install.sh into a staging root, twice: same result, the technician's config kept."""
+"""scripts/packaging/install.sh into a staging root, twice: same result, the technician's config kept."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import REPO
+from agent_devkit import REPO
 
-SCRIPT = REPO / "scripts" / "install.sh"
+SCRIPT = REPO / "scripts" / "packaging" / "install.sh"
 
 
 def _install(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:

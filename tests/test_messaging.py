@@ -15,8 +15,8 @@ from agent.messaging.bus import BusMessage, BusUnavailable, LocalBus, backoff_de
 from agent.messaging.connection import open_connection
 from agent.messaging.readings import MalformedReading, parse
 from agent.messaging.wire import Publish
-from tests.support.broker import Broker
-from tests.support.localbus import persistent_broker
+from agent_devkit.broker import Broker
+from agent_devkit.localbus import persistent_broker
 
 
 async def _publish(broker: Broker, items: list[tuple[str, bytes]]) -> None:

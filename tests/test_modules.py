@@ -14,7 +14,8 @@ from agent.runtime.modules import ModuleRunFailed
 from agent.runtime.registry import ModuleNotLoaded
 from agent.runtime.spec import ModuleSpecInvalid, parse_spec, topic_matches
 from agent.storage import Store
-from tests.modules.support import example, load, make_runtime, rows, sha, test_module
+from agent_devkit.examples import example, test_module
+from tests.modules.support import load, make_runtime, rows, sha
 
 THERMO_CONFIG = {"metric": "temp", "high": 30.0, "low": 27.0, "actuator_prefix": "actuators"}
 

@@ -20,7 +20,7 @@ from agent.config.model import LocalBrokerSettings
 from agent.messaging import topics, wire
 from agent.messaging.bus import BusMessage, LocalBus
 from agent.messaging.connection import ConnectionLost, ConnectRefused, MqttError, open_connection
-from tests.support.broker import Broker, running_broker
+from agent_devkit.broker import Broker, running_broker
 
 STREAM = (
     wire.publish_packet("factory/l1/s1/t", b"21.5", qos=1, retain=False, packet_id=7)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -28,24 +27,17 @@ from agent.policy.registry import PolicyRegistry
 from agent.runtime.contract import Actuation, ModuleOutput, Property
 from agent.runtime.modules import ModuleRuntime
 from agent.storage import Store
-from tests.modules.support import example
-from tests.policies.build import build
-from tests.support.broker import Broker
-from tests.support.localbus import persistent_broker
-
-REPO = Path(__file__).resolve().parents[1]
-THERMOSTAT_PREDICATE = {"trigger": {"type": "topic", "topics": ["factory/+/+/temp"], "batch_window_ms": 0},
-                        "config": {"metric": "temp", "high": 30.0, "low": 27.0, "actuator_prefix": "actuators"}}
+from agent_devkit.broker import Broker
+from agent_devkit.demo import THERMOSTAT_PREDICATE
+from agent_devkit.examples import example
+from agent_devkit.localbus import persistent_broker
+from agent_devkit.opa.build import build
+from agent_devkit.opa.gate import build_gate
 
 
 def gate_bundle() -> bytes:
-    """The demo gate policy bundle, built from C by scripts/build_gate_policy.py."""
-    spec = importlib.util.spec_from_file_location("build_gate_policy", REPO / "scripts" / "build_gate_policy.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    blob: bytes = mod.build_gate()
-    return blob
+    """The demo gate policy bundle, built from C (examples/policies/gate.c)."""
+    return build_gate()
 
 
 @pytest.fixture(scope="module")

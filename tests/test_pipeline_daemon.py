@@ -14,34 +14,10 @@ from typing import Any
 
 import aiomqtt
 
-from tests.modules.support import example
-from tests.support.broker import Broker
-from tests.support.localbus import persistent_broker
-from tests.support.procs import agent_process, run_agent, run_fleet, status_json
-from tests.test_pipeline import THERMOSTAT_PREDICATE, gate_bundle
-
-
-def ok(proc: Any) -> None:
-    assert proc.returncode == 0, f"{proc.args}\n{proc.stdout}\n{proc.stderr}"
-
-
-def sign_and_install(tmp: Path, state: Path, config: Path) -> None:
-    keys = tmp / "keys"
-    ok(run_fleet("keygen", "--out", str(keys), "--name", "fleet"))
-    ok(run_agent("trust", "add", str(keys / "fleet.pub"), "--config", str(config), "--state-dir", str(state)))
-    module = tmp / "thermostat.wasm"
-    module.write_bytes(example("thermostat"))
-    meta = tmp / "thermostat.meta.json"
-    meta.write_text(json.dumps(THERMOSTAT_PREDICATE))
-    policy = tmp / "gate.tar.gz"
-    policy.write_bytes(gate_bundle())
-    for artifact, kind, name, extra in ((module, "module", "thermostat", ["--meta", str(meta)]),
-                                        (policy, "policy", "gate", [])):
-        bundle = tmp / f"{name}.sigstore.json"
-        ok(run_fleet("sign", str(artifact), "--key", str(keys / "fleet.key"), "--kind", kind, "--name", name,
-                     "--version", "1", *extra, "--out", str(bundle)))
-        ok(run_agent("install", str(artifact), "--bundle", str(bundle), "--config", str(config),
-                     "--state-dir", str(state)))
+from agent_devkit.broker import Broker
+from agent_devkit.demo import sign_and_install
+from agent_devkit.localbus import persistent_broker
+from agent_devkit.procs import agent_process, run_agent, status_json
 
 
 def query(db: Path, sql: str) -> list[tuple[Any, ...]]:

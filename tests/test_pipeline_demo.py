@@ -1,4 +1,4 @@
-"""The demo's steps (scripts/demo.d/*/*.sh): signed releases installed, the simulated line publishing,
+"""The demo's steps (scripts/demo/*/*.sh): signed releases installed, the simulated line publishing,
 actuations flowing, denials logged (a locked-out press's fan command AND its fan property), the twins
 synced to the simulated EdgeCore (equal to the agent's latest properties; press-3 reported as not bound
 to demo-node), and `status` showing it — on a free port, temp dirs."""
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from agent.sync.twins import normalise
-from tests.support.broker import free_port
-from tests.support.procs import REPO
+from agent_devkit import REPO
+from agent_devkit.broker import free_port
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli.agent_main import main
-from tests.policies.build import build
-from tests.test_policy_engine import RBAC_DATA, _bundle
+from agent_devkit.opa.build import RBAC_DATA, build
+from tests.test_policy_engine import _bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +92,7 @@ def test_whole_process_exit_code_and_stdout(files: dict[str, Path]) -> None:
 
 
 def test_installed_release_by_name(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.support.releases import Signer, install
+    from agent_devkit.releases import Signer, install
     state = files["dir"] / "state"
     state.mkdir()
     signer = Signer.create()

@@ -1,4 +1,4 @@
-"""Policy engine against ABI-conformant modules built from tests/policies/*.c (real Wasm, real wasmtime)."""
+"""Policy engine against ABI-conformant modules built from agent_devkit/opa/*.c (real Wasm, real wasmtime)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,7 @@ from agent.policy.engine import NO_INPUT, Policy, PolicyEvalError, PolicyLoadErr
 from agent.policy.errors import BuiltinError
 from agent.policy.registry import PolicyRegistry
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext
-from tests.policies.build import build
-
-RBAC_DATA: dict[str, Any] = {"app": {"rbac": {
-    "user_roles": {"alice": ["admin"], "bob": ["employee", "billing"], "eve": ["customer"]},
-    "role_grants": {
-        "customer": [{"action": "read", "type": "dog"}, {"action": "read", "type": "cat"}],
-        "employee": [{"action": "read", "type": "dog"}, {"action": "update", "type": "dog"}],
-        "billing": [{"action": "read", "type": "finance"}, {"action": "update", "type": "finance"}]}}}}
+from agent_devkit.opa.build import RBAC_DATA, build
 
 RBAC_INPUTS = [{"user": "bob", "action": "read", "type": "finance"},
                {"user": "alice", "action": "delete", "type": "anything"},

@@ -16,7 +16,7 @@ from agent.policy.engine import Policy, PolicyEvalError, load_policy
 from agent.policy.errors import BuiltinError
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext
 from agent.wasm.engine import WasmEngine
-from tests.policies.build import build
+from agent_devkit.opa.build import build
 
 
 def _customs(**overrides: Any) -> Any:

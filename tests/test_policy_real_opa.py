@@ -36,7 +36,7 @@ import pytest
 
 from agent.config.policy import PolicySettings
 from agent.policy.engine import NO_INPUT, Policy, PolicyEvalError, load_policy
-from tests.policies.build import build
+from agent_devkit.opa.build import build
 
 HERE = Path(__file__).resolve().parent
 REAL_DIR = HERE / "policies" / "opa-real"
@@ -312,7 +312,7 @@ def _has_object(doc: Any) -> bool:
 
 
 def test_hand_made_runtime_round_trips_like_opas(modules: dict[tuple[str, int], Path]) -> None:
-    """Fidelity of tests/policies/opa_rt.c: its JSON round trip gives what OPA's real runtime gives."""
+    """Fidelity of agent_devkit/opa/opa_rt.c: its JSON round trip gives what OPA's real runtime gives."""
     settings = PolicySettings(eval_deadline_ms=5000)
     ours = load_policy(modules[("sandbox", 3)].read_bytes(), settings=settings)
     opas = load_policy(modules[("real", 3)].read_bytes(), settings=settings)

@@ -9,8 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.support.procs import agent_process, run_agent, run_fleet, status_json
-from tests.support.releases import Signer, policy_wasm, wasm_module
+from agent_devkit.procs import agent_process, run_agent, run_fleet, status_json
+from agent_devkit.releases import Signer, policy_wasm, wasm_module
 
 
 def test_fleet_keygen_sign_verify(tmp_path: Path) -> None:

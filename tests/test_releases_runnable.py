@@ -17,7 +17,7 @@ from agent.trust.releases import ReleaseStore
 from agent.trust.truststore import add_key
 from agent.wasm import codecache
 from agent.wasm.engine import shared_engine
-from tests.support.releases import Signer, opa_bundle, policy_wasm, wasm_module
+from agent_devkit.releases import Signer, opa_bundle, policy_wasm, wasm_module
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def test_module_limits_follow_the_gateway_config(store: Store, signer: Signer) -
 
 
 def test_real_example_module_with_documented_trigger_installs(store: Store, signer: Signer) -> None:
-    from tests.modules.support import example
+    from agent_devkit.examples import example
     blob = example("counter")
     meta = {"trigger": {"type": "mixed", "schedule": {"cron": "*/5 * * * *"}, "topics": ["factory/+/+/temp"]}}
     assert ReleaseStore(store).install(blob, signer.sign(blob, "module", "counter", 1, **meta)).state == "active"

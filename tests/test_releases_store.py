@@ -23,8 +23,8 @@ from agent.trust.timekeeper import advance_job, last_good_time, trusted_now
 from agent.trust.truststore import add_key
 from agent.wasm import codecache
 from agent.wasm.engine import WasmEngine
-from tests.support import dsse_independent as indep
-from tests.support.releases import Signer, opa_bundle, policy_wasm, wasm_module
+from agent_devkit import dsse_independent as indep
+from agent_devkit.releases import Signer, opa_bundle, policy_wasm, wasm_module
 
 
 @pytest.fixture

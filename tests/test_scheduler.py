@@ -14,7 +14,8 @@ from typing import Any
 
 from agent.runtime.scheduler import ModuleScheduler
 from agent.storage import Store
-from tests.modules.support import example, load, make_runtime, rows
+from agent_devkit.examples import example
+from tests.modules.support import load, make_runtime, rows
 
 HOUR = 3600.0
 

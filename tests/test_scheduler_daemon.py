@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 from agent.storage import Store
-from tests.modules.support import example, rows
-from tests.support.broker import Broker
-from tests.support.procs import AgentProcess, agent_process, status_json
-from tests.support.releases import Signer, install
+from agent_devkit.broker import Broker
+from agent_devkit.examples import example
+from agent_devkit.procs import AgentProcess, agent_process, status_json
+from agent_devkit.releases import Signer, install
+from tests.modules.support import rows
 
 HOUR = 3600.0
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.daemon.lock import StateLock
-from tests.support.procs import REPO, agent_process, run_agent, status_json
+from agent_devkit import REPO
+from agent_devkit.procs import agent_process, run_agent, status_json
 
 
 def test_never_started_state_dir(tmp_path: Path) -> None:

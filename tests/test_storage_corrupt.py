@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import DatabaseCorrupt, StorageError
 from agent.storage import Store
-from tests.support.procs import agent_process, status_json
+from agent_devkit.procs import agent_process, status_json
 
 GARBAGE = os.urandom(64) + b"this is not an SQLite database" * 300
 

@@ -19,8 +19,8 @@ from agent.errors import StorageFull
 from agent.storage import Store
 from agent.sync.outbox import Outbox
 from agent.sync.service import OutboxService
-from tests.support.localbus import persistent_broker, publish_counted
-from tests.support.procs import agent_process, status_json
+from agent_devkit.localbus import persistent_broker, publish_counted
+from agent_devkit.procs import agent_process, status_json
 from tests.test_ingest_faults import query, wait_until
 
 

@@ -12,7 +12,7 @@ from agent.storage import Store
 from agent.storage.db import connect_writer
 from agent.storage.migrations import COMPONENTS, applied_versions, migrate
 from agent.storage.schema import core
-from tests.support.procs import agent_process, status_json
+from agent_devkit.procs import agent_process, status_json
 
 
 def _old_database(state: Path) -> Path:

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.broker import Broker
-from tests.support.edgecore import EdgeCorePeer
-from tests.support.procs import agent_process, status_json
-from tests.test_sync_support import Consumer
+from agent_devkit.broker import Broker
+from agent_devkit.edgecore import EdgeCorePeer
+from agent_devkit.procs import agent_process, status_json
+from agent_devkit.uplink import Consumer
 
 
 def write(db: Path, sql: str, *args: Any) -> None:

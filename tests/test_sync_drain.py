@@ -15,8 +15,9 @@ from agent.config.sync import OutboxSettings
 from agent.storage import Store
 from agent.sync.drain import Drainer, parse_url
 from agent.sync.outbox import OutboxError, enqueue_job, make_record
-from tests.support.broker import Broker
-from tests.test_sync_support import Consumer, kill, start_drain_child
+from agent_devkit.broker import Broker
+from agent_devkit.uplink import Consumer
+from tests.test_sync_support import kill, start_drain_child
 
 WALL0 = 1_780_000_000.0
 

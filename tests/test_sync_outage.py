@@ -25,9 +25,9 @@ from agent.sync.drain import Drainer
 from agent.sync.kubeedge import TwinSync
 from agent.sync.outbox import Outbox, enqueue_job, make_record
 from agent.sync.service import OutboxService
-from tests.support.broker import Broker
-from tests.support.edgecore import EdgeCorePeer
-from tests.test_sync_support import Consumer
+from agent_devkit.broker import Broker
+from agent_devkit.edgecore import EdgeCorePeer
+from agent_devkit.uplink import Consumer
 
 WALL0 = 1_780_000_000.0
 DAYS = 30

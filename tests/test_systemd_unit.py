@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import REPO
+from agent_devkit import REPO
 
 UNIT = REPO / "systemd" / "edge-agent.service"
 ANALYZE = shutil.which("systemd-analyze")
@@ -31,7 +31,7 @@ def _testable_copy(tmp_path: Path, text: str | None = None) -> Path:
     """The unit as installed, except ExecStart points at an executable that exists here (verify checks it)."""
     unit_text = UNIT.read_text() if text is None else text
     exec_start = _directives(unit_text)["ExecStart"][0].split()[0]
-    assert exec_start == "/opt/edge-agent/venv/bin/edge-agent"  # where scripts/install.sh puts it
+    assert exec_start == "/opt/edge-agent/venv/bin/edge-agent"  # where scripts/packaging/install.sh puts it
     dest = tmp_path / "edge-agent.service"
     dest.write_text(unit_text.replace(exec_start, sys.executable))
     return dest

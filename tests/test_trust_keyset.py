@@ -13,8 +13,8 @@ from agent.trust.errors import TrustError
 from agent.trust.keyset import apply_keyset_job
 from agent.trust.releases import ReleaseStore
 from agent.trust.truststore import add_key, load_trust_set
-from tests.support.procs import run_agent, run_fleet
-from tests.support.releases import Signer, wasm_module
+from agent_devkit.procs import run_agent, run_fleet
+from agent_devkit.releases import Signer, wasm_module
 
 WASM = wasm_module()
 

@@ -16,8 +16,8 @@ from agent.trust.dsse import pae
 from agent.trust.keys import KeyType
 from agent.trust.truststore import TrustSet
 from agent.trust.verify import VerifiedRelease, verify_release
-from tests.support import dsse_independent as indep
-from tests.support.releases import Signer, opa_bundle, wasm_module
+from agent_devkit import dsse_independent as indep
+from agent_devkit.releases import Signer, opa_bundle, wasm_module
 
 NOW = time.time()
 WASM = wasm_module()

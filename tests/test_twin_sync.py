@@ -16,8 +16,8 @@ from agent.config.sync import KubeEdgeDevice, KubeEdgeSettings
 from agent.storage import Store
 from agent.sync import twins
 from agent.sync.kubeedge import TwinSync
-from tests.support.broker import Broker
-from tests.support.edgecore import ERROR_TOPIC, EdgeCorePeer
+from agent_devkit.broker import Broker
+from agent_devkit.edgecore import ERROR_TOPIC, EdgeCorePeer
 
 FAST = KubeEdgeSettings(enabled=True, node_name="demo-node", poll_interval_s=0.05, answer_timeout_s=0.5,
                         max_messages_s=1000, reconnect_max_s=0.5, resync_interval_s=3600)

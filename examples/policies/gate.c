@@ -1,4 +1,4 @@
-/* gate.rego hand-compiled to the OPA Wasm ABI with the runtime in tests/policies/opa_rt.c.
+/* gate.rego hand-compiled to the OPA Wasm ABI with the runtime in agent_devkit/opa/opa_rt.c.
  * Entrypoint 0 = edge/decision. No host builtins. See gate.rego for the rules. */
 #include "opa_rt.h"
 

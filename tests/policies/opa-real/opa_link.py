@@ -38,9 +38,9 @@ import gzip
 import sys
 from pathlib import Path
 
+from agent_devkit.opa.build import read_name, read_uleb, sections, sleb, uleb
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent.parent.parent))
-from tests.policies.build import _name, _read_uleb, _sections, _sleb, uleb  # noqa: E402
 
 RUNTIME = HERE / "opa-runtime-v1.20.2.wasm.gz"
 ENTRYPOINTS = ["real/echo", "real/allow", "real/lookup", "real/fmt", "real/conflict"]
@@ -62,7 +62,7 @@ def _str(s: str) -> bytes:
 
 
 def _split_entries(body: bytes, parse_one: object) -> list[bytes]:
-    count, pos = _read_uleb(body, 0)
+    count, pos = read_uleb(body, 0)
     out = []
     for _ in range(count):
         end = parse_one(body, pos)  # type: ignore[operator]
@@ -72,56 +72,56 @@ def _split_entries(body: bytes, parse_one: object) -> list[bytes]:
 
 
 def _import_end(b: bytes, p: int) -> int:
-    _, p = _name(b, p)
-    _, p = _name(b, p)
+    _, p = read_name(b, p)
+    _, p = read_name(b, p)
     kind = b[p]
     p += 1
     if kind == 0:
-        _, p = _read_uleb(b, p)
+        _, p = read_uleb(b, p)
     elif kind in (1, 2):
         if kind == 1:
             p += 1
-        flag, p = _read_uleb(b, p)
-        _, p = _read_uleb(b, p)
+        flag, p = read_uleb(b, p)
+        _, p = read_uleb(b, p)
         if flag & 1:
-            _, p = _read_uleb(b, p)
+            _, p = read_uleb(b, p)
     else:
         p += 2
     return p
 
 
 def _export_end(b: bytes, p: int) -> int:
-    _, p = _name(b, p)
-    _, p = _read_uleb(b, p + 1)
+    _, p = read_name(b, p)
+    _, p = read_uleb(b, p + 1)
     return p
 
 
 def _code_end(b: bytes, p: int) -> int:
-    size, p = _read_uleb(b, p)
+    size, p = read_uleb(b, p)
     return p + size
 
 
 def _data_end(b: bytes, p: int) -> int:
-    flag, p = _read_uleb(b, p)
+    flag, p = read_uleb(b, p)
     assert flag == 0, "only active segments for memory 0"
     while b[p] != END:
         p += 1
     p += 1
-    size, p = _read_uleb(b, p)
+    size, p = read_uleb(b, p)
     return p + size
 
 
 def _data_extent(seg: bytes) -> int:
-    _, p = _read_uleb(seg, 0)
+    _, p = read_uleb(seg, 0)
     assert seg[p] == I32C
-    off, q = _read_uleb(seg, p + 1)  # offsets here are small positive: uleb == sleb
+    off, q = read_uleb(seg, p + 1)  # offsets here are small positive: uleb == sleb
     assert seg[q] == END
-    size, _ = _read_uleb(seg, q + 1)
+    size, _ = read_uleb(seg, q + 1)
     return off + size
 
 
 def _data_seg(offset: int, data: bytes) -> bytes:
-    return b"\x00" + bytes([I32C]) + _sleb(offset) + bytes([END]) + uleb(len(data)) + data
+    return b"\x00" + bytes([I32C]) + sleb(offset) + bytes([END]) + uleb(len(data)) + data
 
 
 def _func_body(locals_i32: int, code: bytes) -> bytes:
@@ -132,20 +132,20 @@ def _func_body(locals_i32: int, code: bytes) -> bytes:
 def link(minor: int = 3) -> bytes:
     """Build the policy module (bytes) from the real runtime."""
     wasm = gzip.decompress(RUNTIME.read_bytes())
-    secs = _sections(wasm)
+    secs = sections(wasm)
     by_id = {sid: body for sid, body in secs if sid != 0}
     names: dict[str, int] = {}
     for sid, body in secs:
-        if sid == 0 and _name(body, 0)[0] == "name":
-            pos = _name(body, 0)[1]
+        if sid == 0 and read_name(body, 0)[0] == "name":
+            pos = read_name(body, 0)[1]
             while pos < len(body):
                 sub = body[pos]
-                size, pos2 = _read_uleb(body, pos + 1)
+                size, pos2 = read_uleb(body, pos + 1)
                 if sub == 1:
-                    cnt, q = _read_uleb(body, pos2)
+                    cnt, q = read_uleb(body, pos2)
                     for _ in range(cnt):
-                        idx, q = _read_uleb(body, q)
-                        nm, q = _name(body, q)
+                        idx, q = read_uleb(body, q)
+                        nm, q = read_name(body, q)
                         names.setdefault(nm, idx)
                 pos = pos2 + size
 
@@ -163,20 +163,20 @@ def link(minor: int = 3) -> bytes:
 
     imports = _split_entries(by_id[2], _import_end)
     n_func_imports = len(imports)  # all function imports (opa_builtin0..4, opa_abort)
-    funcs = _split_entries(by_id[3], lambda b, p: _read_uleb(b, p)[1])
+    funcs = _split_entries(by_id[3], lambda b, p: read_uleb(b, p)[1])
     codes = _split_entries(by_id[10], _code_end)
     exports = _split_entries(by_id[7], _export_end)
     datas = _split_entries(by_id[11], _data_end)
-    gcount, gpos = _read_uleb(by_id[6], 0)
+    gcount, gpos = read_uleb(by_id[6], 0)
     gbody = by_id[6][gpos:]
 
     # initModule: __heap_base -> zero segment; drop its export
     heap_base_global = None
     kept_exports = []
     for e in exports:
-        nm, p = _name(e, 0)
+        nm, p = read_name(e, 0)
         if nm == "__heap_base":
-            heap_base_global, _ = _read_uleb(e, p + 1)
+            heap_base_global, _ = read_uleb(e, p + 1)
         else:
             kept_exports.append(e)
     assert heap_base_global is not None
@@ -229,22 +229,22 @@ def link(minor: int = 3) -> bytes:
     imports.append(_str("env") + _str("memory") + b"\x02\x00" + uleb(pages))  # addImportMemoryDecl
 
     def s(key: str) -> bytes:
-        return bytes([I32C]) + _sleb(addr["s:" + key])
+        return bytes([I32C]) + sleb(addr["s:" + key])
 
     def new_obj_map(keys: dict[str, int], prefix: str) -> bytes:
         code = fn("opa_object") + bytes([LSET, 0])
         for k, v in keys.items():
-            code += bytes([LGET, 0, I32C]) + _sleb(addr[prefix + k]) + fn("opa_string_terminated")
-            code += bytes([I64C]) + _sleb(v) + fn("opa_number_int") + fn("opa_object_insert")
+            code += bytes([LGET, 0, I32C]) + sleb(addr[prefix + k]) + fn("opa_string_terminated")
+            code += bytes([I64C]) + sleb(v) + fn("opa_number_int") + fn("opa_object_insert")
         return code + bytes([LGET, 0])
 
     builtins_code = _func_body(1, new_obj_map(BUILTINS, "b:"))
     entrypoints_code = _func_body(1, new_obj_map({e: i for i, e in enumerate(ENTRYPOINTS)}, "e:"))
-    init_code = _func_body(0, bytes([I32C]) + _sleb(heap_start) + fn("opa_malloc_init") + fn("opa_mpd_init")
-                           + bytes([I32C]) + _sleb(mapping_off) + bytes([I32C]) + _sleb(len(mapping))
+    init_code = _func_body(0, bytes([I32C]) + sleb(heap_start) + fn("opa_malloc_init") + fn("opa_mpd_init")
+                           + bytes([I32C]) + sleb(mapping_off) + bytes([I32C]) + sleb(len(mapping))
                            + fn("opa_mapping_init"))
-    boolean_code = _func_body(0, bytes([I32C]) + _sleb(addr["bool:true"]) + bytes([I32C])
-                              + _sleb(addr["bool:false"]) + bytes([LGET, 0, SELECT]))
+    boolean_code = _func_body(0, bytes([I32C]) + sleb(addr["bool:true"]) + bytes([I32C])
+                              + sleb(addr["bool:false"]) + bytes([LGET, 0, SELECT]))
 
     # compilePlans: eval(ctx) with locals rs=1, eid=2, input=3, data=4, t=5, u=6
     ctx, rs, eid, inp, dat, t, u = 0, 1, 2, 3, 4, 5, 6
@@ -283,7 +283,7 @@ def link(minor: int = 3) -> bytes:
     ]
     main = b""
     for i, plan in enumerate(plans):
-        main += block(bytes([LGET, eid, I32C]) + _sleb(i) + bytes([I32NE, BRIF, 0]) + block(plan) + bytes([BR, 1]))
+        main += block(bytes([LGET, eid, I32C]) + sleb(i) + bytes([I32NE, BRIF, 0]) + block(plan) + bytes([BR, 1]))
     main += s("internal: illegal entrypoint id") + bytes([CALL, 5, UNREACHABLE])
     eval_code = _func_body(7, fn("opa_memoize_init")
                            + bytes([LGET, ctx, I32LOAD, 2, 0, LSET, inp, LGET, ctx, I32LOAD, 2, 4, LSET, dat])
@@ -297,7 +297,7 @@ def link(minor: int = 3) -> bytes:
     codes += [builtins_code, entrypoints_code, init_code]
     idx_builtins, idx_entrypoints, idx_init = first_new, first_new + 1, first_new + 2
 
-    gbody += b"\x7f\x00\x41" + _sleb(1) + b"\x0b" + b"\x7f\x00\x41" + _sleb(minor) + b"\x0b"
+    gbody += b"\x7f\x00\x41" + sleb(1) + b"\x0b" + b"\x7f\x00\x41" + sleb(minor) + b"\x0b"
     kept_exports += [_str("eval") + b"\x00" + uleb(names["eval"]),
                      _str("builtins") + b"\x00" + uleb(idx_builtins),
                      _str("entrypoints") + b"\x00" + uleb(idx_entrypoints),
@@ -313,9 +313,9 @@ def link(minor: int = 3) -> bytes:
 
 def _type_end(b: bytes, p: int) -> int:
     assert b[p] == 0x60
-    n, p = _read_uleb(b, p + 1)
+    n, p = read_uleb(b, p + 1)
     p += n
-    n, p = _read_uleb(b, p)
+    n, p = read_uleb(b, p)
     return p + n
 
 
