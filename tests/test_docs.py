@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import REPO
+from agent_devkit import REPO
 
 # Spelled in pieces so that this file does not name them itself.
 OUTSIDE_PATHS = ("/" + "work/", ".." + "/shared/")
