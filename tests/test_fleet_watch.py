@@ -250,6 +250,8 @@ async def test_a_resumed_window_rolls_back_a_release_that_turns_out_bad(world: F
                             failures += 1
                     await asyncio.sleep(0.01)
             st = await mgr.wait_state("gw-r", 2, "rolled_back")
+            # the status is published before the watch is closed: wait for that too before stopping
+            await mgr.wait_for(lambda: not open_watches_of(gw.store))
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
