@@ -17,7 +17,7 @@ from agent_devkit.broker import Broker, running_broker
 
 
 def persistence_conf(extra: str = "") -> str:
-    """The shared broker fixture now persists as root too (see tests/support/broker.py)."""
+    """The shared broker fixture now persists as root too (see agent_devkit/broker.py)."""
     return extra
 
 

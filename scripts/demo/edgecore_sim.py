@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The demo's simulated EdgeCore: the strict EdgeCore test peer (tests/support/edgecore.py) as a process.
+"""The demo's simulated EdgeCore: the strict EdgeCore test peer (agent_devkit/edgecore.py) as a process.
 
 There is no real EdgeCore on a demo box, so the demo runs the same peer the sync tests use — it
 validates every message by EdgeCore's rules and answers as EdgeCore does — bound to the devices of
