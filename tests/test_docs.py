@@ -107,6 +107,31 @@ def test_every_relative_link_resolves(doc: Path) -> None:
     assert not broken, f"{doc.relative_to(REPO)}:\n" + "\n".join(broken)
 
 
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:agent|agent_devkit|scripts|tests|configs|examples|systemd|docs)/"
+                       r"(?:[\w./*<>-]|\{[^}\s]*\})*)")
+
+
+def _expand(path: str) -> list[str]:
+    """``a/{b,c}.wasm`` → ``a/b.wasm``, ``a/c.wasm`` (a brace without a comma is a placeholder)."""
+    m = re.search(r"\{([^}]*,[^}]*)\}", path)
+    if m is None:
+        return [path]
+    return [p for alt in m.group(1).split(",") for p in _expand(path[:m.start()] + alt + path[m.end():])]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_repository_path_the_docs_name_exists(doc: Path) -> None:
+    """Files move (scripts/bench/, agent/wasm/ …): a path in the docs must move with them.
+    ``{kind}``/``<name>`` placeholders and ``*`` globs must match at least one file."""
+    missing = []
+    for found in REPO_PATH.findall(doc.read_text()):
+        for path in _expand(found.rstrip(".,")):
+            pattern = re.sub(r"\{[^}]*\}|<[^>]*>", "*", path)
+            if not (list(REPO.glob(pattern)) if "*" in pattern else (REPO / path).exists()):
+                missing.append(path)
+    assert not missing, f"{doc.relative_to(REPO)} names paths that do not exist: {missing}"
+
+
 def test_the_readme_is_a_front_page() -> None:
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 200, "the README is a front page: move manual text into docs/"
