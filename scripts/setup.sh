@@ -13,6 +13,10 @@ ls /usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a >/dev/null
   || need+=("libclang-rt-$(clang --version 2>/dev/null | sed -n 's/.*clang version \([0-9]*\).*/\1/p' | head -1 || echo 14)-dev-wasm32")
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# the registry tests: CNCF distribution 2.8 (Debian's docker-registry) and htpasswd for its bcrypt users
+registry_new=0
+command -v docker-registry >/dev/null 2>&1 || { need+=(docker-registry); registry_new=1; }
+command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   # clang's version decides the compiler-rt package name: install clang first if it was missing
@@ -26,6 +30,10 @@ if [ ${#need[@]} -gt 0 ]; then
       fixed+=("$p")
     done
     apt-get install -y -qq "${fixed[@]}" >/dev/null
+    # the tests start their own registries on free loopback ports: the packaged service is not wanted
+    if [ "$registry_new" = 1 ] && [ -d /run/systemd/system ]; then
+      systemctl disable --now docker-registry.service >/dev/null 2>&1 || true
+    fi
   else
     echo "setup: missing system packages: ${need[*]} (run as root, or: sudo apt-get install ${need[*]})" >&2
     exit 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.cli.common import EXIT_FAIL, EXIT_OK, add_config_options, config_from, read_file
 from agent.storage import Store
-from agent.trust.errors import ReleaseRejected
+from agent.trust.errors import ReleaseRejected, TrustError
 from agent.trust.predicate import KINDS
 
 # crypto and the verifier are imported inside the handlers: every `edge-agent` command parses this
@@ -135,9 +135,13 @@ def handle_update(args: argparse.Namespace) -> int:
 def register_install(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("install", help="verify and install a signed release (air-gap path: USB stick, laptop)")
     add_config_options(p)
-    p.add_argument("artifact", type=Path, metavar="ARTIFACT", help="module .wasm, policy.wasm or bundle.tar.gz")
-    p.add_argument("--bundle", type=Path, required=True, help="its Sigstore bundle (release.sigstore.json)")
+    p.add_argument("artifact", type=Path, metavar="ARTIFACT",
+                   help="module .wasm, policy.wasm or bundle.tar.gz — or an OCI image layout directory "
+                   "(edge-fleet export, oras copy --to-oci-layout): every release in it")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="its Sigstore bundle (release.sigstore.json); not with a layout, which carries them")
     p.add_argument("--stage", action="store_true", help="verify and store only; do not activate")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (layouts)")
     p.set_defaults(func=handle_install)
     r = sub.add_parser("rollback", help="re-activate the previous release of KIND NAME (the version floor stays)")
     add_config_options(r)
@@ -148,9 +152,21 @@ def register_install(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def handle_install(args: argparse.Namespace) -> int:
     from agent.trust.releases import ReleaseStore
+    config = config_from(args)
+    if args.artifact.is_dir():
+        from agent.cli.registry_cmd import install_layout, print_layout_rows
+        if args.bundle is not None:
+            raise TrustError(f"{args.artifact} is an OCI image layout: its signatures are inside; drop --bundle")
+        with open_store(args) as store:
+            rows, failed = install_layout(args.artifact, ReleaseStore(store, policy_settings=config.policy,
+                                                                      module_settings=config.modules),
+                                          stage=args.stage)
+        print_layout_rows(rows, args.json)
+        return EXIT_FAIL if failed else EXIT_OK
+    if args.bundle is None:
+        raise TrustError(f"{args.artifact} is a file: give its Sigstore bundle with --bundle")
     artifact = read_file(args.artifact, "artifact")
     bundle = read_file(args.bundle, "bundle")
-    config = config_from(args)
     with open_store(args) as store:  # checked with the daemon's [policy]/[modules] limits: same verdict
         releases = ReleaseStore(store, policy_settings=config.policy, module_settings=config.modules)
         action: Callable[..., object] = releases.stage if args.stage else releases.install

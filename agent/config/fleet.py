@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from agent.config.schema import between, non_empty, non_negative, positive, setting
 
@@ -11,6 +12,24 @@ def _url(value: str) -> str | None:
     if value == "" or value.startswith(("mqtt://", "mqtts://")):
         return None
     return "must start with mqtt:// or mqtts:// (for example mqtts://fleet.example:8883)"
+
+
+def _registry_url(value: str) -> str | None:
+    if value == "":
+        return None
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https") and parts.hostname and parts.path in ("", "/"):
+        return None
+    return "must look like https://host[:port] (no path: the repository prefix is registry_prefix)"
+
+
+def _repo_prefix(value: str) -> str | None:
+    import re
+
+    if value == "" or re.match(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$",
+                               value):
+        return None
+    return "must be a repository path: lower-case letters, digits, '.', '_', '-', separated by '/'"
 
 
 def _topic_word(value: str) -> str | None:
@@ -72,3 +91,26 @@ class FleetSettings:
                                                doc="Starts after a crash or failure tolerated while a release's "
                                                "health window is open (the window survives restarts); one more "
                                                "rolls the release back before it runs again (crash loop).")
+    registry: str = setting("", check=_registry_url,
+                            doc="OCI registry releases and desired state are pulled from, https://host[:port] "
+                            "(empty = releases arrive only as retained MQTT messages). See docs/registry.md.")
+    registry_prefix: str = setting("edge", check=_repo_prefix,
+                                   doc="Repository prefix: releases in <prefix>/<kind>/<name>, desired state in "
+                                   "<prefix>/desired-state.")
+    registry_mirror: str = setting("", check=_registry_url,
+                                   doc="A mirror or pull-through cache tried before the registry (e.g. the site's "
+                                   "cache); everything read is digest- and signature-checked, so it need not be "
+                                   "trusted.")
+    registry_username: str = setting("", doc="Registry user (basic auth, or the bearer-token flow).")
+    registry_password: str = setting("", secret=True, doc="Registry password (never logged).")
+    registry_token: str = setting("", secret=True, doc="A static bearer token instead of user/password.")
+    registry_ca: str = setting("", doc="PEM file of the CA that signed the registry's (and the mirror's) "
+                               "certificate; empty = the system trust store.")
+    registry_poll_s: float = setting(300.0, check=positive,
+                                     doc="How often the desired state is pulled without a doorbell (each wait "
+                                     "jittered by +-20 %); also the longest a missed doorbell delays a release.")
+    registry_doorbell_jitter_s: float = setting(5.0, check=non_negative,
+                                                doc="A doorbell is answered after a random wait in [0, this], so a "
+                                                "fleet does not hit the registry in one instant.")
+    registry_pull_concurrency: int = setting(2, check=positive,
+                                             doc="Blob downloads at once (a gateway rarely needs more than one).")

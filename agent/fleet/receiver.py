@@ -222,6 +222,11 @@ class ReleaseReceiver:
         """A newer release of kind/name is waiting (the health window may end early for it)."""
         return (kind, name) in self._slots
 
+    def in_flight(self, kind: str, name: str) -> bool:
+        """A release of kind/name is waiting or being handled right now."""
+        worker = self._workers.get((kind, name))
+        return (kind, name) in self._slots or (worker is not None and not worker.done())
+
     def busy(self) -> bool:
         return bool(self._slots) or any(not t.done() for t in self._workers.values())
 

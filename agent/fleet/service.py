@@ -21,14 +21,17 @@ from typing import Any
 
 from agent.config.fleet import FleetSettings
 from agent.daemon.context import Context
+from agent.errors import AgentError
 from agent.fleet.health import HealthRules
 from agent.fleet.link import FleetLink, LinkConfig
 from agent.fleet.receiver import ReleaseReceiver
+from agent.fleet.registry import PullSettings, RegistryPuller, StoreLedger, parse_doorbell
 from agent.fleet.reporter import StatusReporter
 from agent.fleet.swap import SwapOrchestrator
-from agent.fleet.topics import Topics
+from agent.fleet.topics import Topics, gateway_scopes
 from agent.fleet.watches import Watch, check_at_start
 from agent.logs import get_logger
+from agent.oci.client import RegistryClient, RegistryConfig
 from agent.offload import run_blocking
 from agent.policy.registry import PolicyRegistry, shared_registry
 from agent.runtime.modules import ModuleRuntime
@@ -48,6 +51,17 @@ def link_config(settings: FleetSettings, node_id: str) -> LinkConfig:
                       username=settings.username, password=settings.password, tls_ca=settings.tls_ca,
                       tls_cert=settings.tls_cert, tls_key=settings.tls_key, keepalive_s=settings.keepalive_s,
                       reconnect_min_s=settings.reconnect_min_s, reconnect_max_s=settings.reconnect_max_s)
+
+
+def registry_config(settings: FleetSettings) -> RegistryConfig:
+    return RegistryConfig(url=settings.registry, mirror=settings.registry_mirror, username=settings.registry_username,
+                          password=settings.registry_password, token=settings.registry_token, ca=settings.registry_ca)
+
+
+def pull_settings(settings: FleetSettings) -> PullSettings:
+    return PullSettings(repo_prefix=settings.registry_prefix, poll_s=settings.registry_poll_s,
+                        doorbell_jitter_s=settings.registry_doorbell_jitter_s,
+                        max_bytes=settings.max_release_bytes)
 
 
 def health_rules(settings: FleetSettings) -> HealthRules:
@@ -96,15 +110,37 @@ class FleetAgent:
                                         topics=self.topics, max_bytes=settings.max_release_bytes,
                                         handler=self.swap, reporter=self.reporter)
         self.swap.has_newer = self.receiver.has_pending
-        self.link = FleetLink(link_config(settings, node_id), subscriptions=self.receiver.filters(),
-                              presence_topic=self.topics.presence(node_id), on_message=self.receiver.on_message,
-                              on_state=self._on_link_state)
-        self.reporter.publish = lambda topic, payload: self.link.publish(topic, payload, retain=True)
+        subscriptions = self.receiver.filters()
+        self.puller: RegistryPuller | None = None
+        if settings.registry:
+            # releases from an OCI registry: signed desired state per scope, MQTT only rings the doorbell
+            client = RegistryClient(registry_config(settings),
+                                    downloads=asyncio.Semaphore(settings.registry_pull_concurrency))
+            self.puller = RegistryPuller(
+                node_id=node_id, scopes=gateway_scopes(node_id, settings.site, tuple(settings.groups)),
+                client=client, ledger=StoreLedger(releases), receiver=self.receiver, settings=pull_settings(settings),
+                work_dir=releases.store.path.parent / "downloads",
+                on_state=lambda state, detail: releases.store.set_link("registry", state, detail))
+            subscriptions += self.topics.doorbell_filters(node_id, settings.site, tuple(settings.groups))
+        self._link: FleetLink | None = None
+        if settings.url:
+            self._link = FleetLink(link_config(settings, node_id), subscriptions=subscriptions,
+                                  presence_topic=self.topics.presence(node_id), on_message=self._on_message,
+                                  on_state=self._on_link_state)
+            link = self._link
+            self.reporter.publish = lambda topic, payload: link.publish(topic, payload, retain=True)
         # the daemon's STATUS= line (sd_notify / status "doing"); None outside the daemon
         self.on_status: Callable[[str], None] | None = None
         # open health windows to resume (None: not checked yet — run() does it)
         self.resumable: list[Watch] | None = None
         self._resumed: list[asyncio.Task[str]] = []
+
+    @property
+    def link(self) -> FleetLink:
+        """The fleet broker link (absent only with a registry and no broker URL)."""
+        if self._link is None:
+            raise AgentError("this gateway has no fleet broker link ([fleet] url is empty)", code="fleet_no_link")
+        return self._link
 
     def check_watches(self, after_failure: bool = True) -> list[Watch]:
         """Count this start in every open health window; roll back crash loops; keep the rest to resume.
@@ -123,9 +159,20 @@ class FleetAgent:
             self.resumable = []
         return self.resumable
 
+    async def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Doorbells to the registry puller (a hint to look now), everything else to the receiver."""
+        if self.puller is not None and topic.startswith(f"{self.topics.prefix}/desired/"):
+            bell = parse_doorbell(self.topics.prefix, topic, payload)
+            if bell is not None:
+                self.puller.on_doorbell(bell)
+            return
+        await self.receiver.on_message(topic, payload, retained)
+
     async def _on_link_state(self, state: str, detail: str) -> None:
         if state == "up":
             self.receiver.settle(CONNECT_SETTLE_S)
+            if self.puller is not None:
+                self.puller.on_connect()
         if self.on_status is not None:
             self.on_status("connected" if state == "up" else "broker offline")
         await self.releases.store.set_link("fleet", state, detail)
@@ -136,7 +183,8 @@ class FleetAgent:
         seen, statuses = await run_blocking(load_memory, self.releases.store.path)
         self.receiver.seen.update(seen)
         await self.reporter.republish(statuses)
-        log.info("fleet_started", node_id=self.node_id, url=self.settings.url, filters=self.receiver.filters(),
+        log.info("fleet_started", node_id=self.node_id, url=self.settings.url, registry=self.settings.registry or None,
+                 filters=self.receiver.filters(),
                  remembered=len(seen), resumed_watches=len(self.resumable or []))
         self._resumed = [asyncio.create_task(self.swap.resume(w), name=f"fleet-watch-{w.kind}-{w.name}")
                          for w in self.resumable or []]
@@ -144,13 +192,18 @@ class FleetAgent:
             task.add_done_callback(_log_resume_failure)
         self.resumable = []
         try:
-            await self.link.run()
+            parts = [p.run() for p in (self._link, self.puller) if p is not None]
+            if not parts:
+                log.error("fleet_nothing_to_run", note="[fleet] enabled with neither url nor registry")
+            await asyncio.gather(*parts) if parts else asyncio.Event().wait()
         finally:
             for task in self._resumed:
                 task.cancel()
             await asyncio.gather(*self._resumed, return_exceptions=True)
             await self.receiver.close()
             await self.reporter.close()
+            if self.puller is not None:
+                await self.puller.client.aclose()
 
 
 class FleetService:

@@ -8,6 +8,7 @@
     {prefix}/releases/gw/{node_id}/{kind}/{name}        release for one gateway (retained)
     {prefix}/status/{node_id}/presence                  "online" / "offline" (retained, last will)
     {prefix}/status/{node_id}/releases/{kind}/{name}    the gateway's status of that release (retained)
+    {prefix}/desired/{scope}                            registry doorbell: new desired state (docs/registry.md)
 
 Gateways only read ``releases/...`` and only write below ``status/{their node id}/`` — the broker's
 ACL (``configs/mosquitto-fleet.acl``) enforces it.
@@ -75,11 +76,11 @@ class Topics:
 
     def release_filters(self, node_id: str, site: str, groups: tuple[str, ...] | list[str]) -> list[str]:
         """What a gateway subscribes to: exactly the scopes that address it."""
-        scopes = [Scope("all"), Scope("gw", node_id)]
-        if site:
-            scopes.append(Scope("site", site))
-        scopes.extend(Scope("group", g) for g in groups)
-        return [f"{self.prefix}/releases/{s}/+/+" for s in scopes]
+        return [f"{self.prefix}/releases/{s}/+/+" for s in gateway_scopes(node_id, site, groups)]
+
+    def doorbell_filters(self, node_id: str, site: str, groups: tuple[str, ...] | list[str]) -> list[str]:
+        """The registry doorbells a gateway listens to (``{prefix}/desired/{scope}``, docs/registry.md)."""
+        return [f"{self.prefix}/desired/{s}" for s in gateway_scopes(node_id, site, groups)]
 
     def parse_release(self, topic: str) -> ReleaseTopic:
         """Split a release topic; raises :class:`TopicError` if it is not one."""
@@ -116,6 +117,15 @@ class Topics:
             return None
         node, _, _rest = topic[len(head):].partition("/")
         return node or None
+
+
+def gateway_scopes(node_id: str, site: str, groups: tuple[str, ...] | list[str]) -> list[Scope]:
+    """The scopes that address one gateway: all, its node id, its site, its groups."""
+    scopes = [Scope("all"), Scope("gw", node_id)]
+    if site:
+        scopes.append(Scope("site", site))
+    scopes.extend(Scope("group", g) for g in groups)
+    return scopes
 
 
 def addresses(scope: Scope, node_id: str, site: str, groups: tuple[str, ...] | list[str]) -> bool:

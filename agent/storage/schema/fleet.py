@@ -9,6 +9,8 @@
   (or a crash) inside the window resumes it instead of counting the release as good; ``starts``
   counts the agent starts during the window (a crash loop is rolled back before the release runs
   again). At most one ``open`` watch per kind/name; closed ones stay as a bounded history.
+- ``fleet_desired`` (v3): per scope, the highest desired-state sequence verified and the manifest
+  digest it came from (a replayed older document is refused; an unchanged one is not re-fetched).
 """
 
 MIGRATIONS: list[str] = [
@@ -58,5 +60,14 @@ MIGRATIONS: list[str] = [
         closed_at REAL
     );
     CREATE UNIQUE INDEX fleet_watches_one_open ON fleet_watches (kind, name) WHERE state = 'open';
+    """,
+    """
+    CREATE TABLE fleet_desired (
+        scope TEXT PRIMARY KEY,
+        sequence INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        signer_key_id TEXT NOT NULL DEFAULT '',
+        verified_at REAL NOT NULL
+    );
     """,
 ]

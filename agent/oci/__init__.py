@@ -1,0 +1,1 @@
+"""OCI registries and image layouts: how releases and desired state travel as OCI artifacts."""
