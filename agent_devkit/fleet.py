@@ -17,14 +17,17 @@ from typing import Any
 
 import aiomqtt
 
+from agent.config import PolicySettings
 from agent.config.fleet import FleetSettings
 from agent.config.modules import ModuleSettings
+from agent.daemon.releases import runnable_checks
 from agent.fleet.envelope import encode
 from agent.fleet.link import LinkConfig, client_kwargs
 from agent.fleet.reporter import parse_status
 from agent.fleet.service import FleetAgent
 from agent.fleet.topics import Scope, Topics
 from agent.policy.registry import PolicyRegistry
+from agent.policy.runtime import PolicyRuntime
 from agent.runtime.modules import ModuleRuntime
 from agent.storage import Store
 from agent.trust.releases import ReleaseStore
@@ -130,10 +133,12 @@ class Gateway:
         await asyncio.wait_for(self.agent.link.connected.wait(), 15)
 
     def renew(self) -> None:
-        """A fresh FleetAgent on the same state (what a daemon restart gives): memory comes from SQLite."""
+        """A fresh FleetAgent on the same state (what a daemon restart gives): memory comes from SQLite.
+        The policy runtime serves ``self.policies`` (replace it first for a fresh process's memory)."""
         a = self.agent
         self.agent = FleetAgent(node_id=self.node_id, settings=a.settings, releases=self.releases,
-                                policies=self.policies, modules=self.modules)
+                                policies=PolicyRuntime(self.store, PolicySettings(), registry=self.policies),
+                                modules=self.modules)
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -167,12 +172,15 @@ class FleetWorld:
         state_dir = self.tmp / f"state-{node_id}"
         self.signer.trust(state_dir, kinds=("policy", "module"))
         store = Store.open(state_dir)
-        releases = ReleaseStore(store)
         policies = PolicyRegistry()
+        policy_runtime = PolicyRuntime(store, PolicySettings(), registry=policies)
         runtime = ModuleRuntime(store, ModuleSettings(run_deadline_ms=300, memory_limit_mb=16),
                                 state_dir=state_dir) if modules else None
+        # the store checks module releases either way (with default limits when this gateway runs none)
+        checks = runnable_checks(policy_runtime, runtime or ModuleRuntime(store, ModuleSettings(), state_dir=state_dir))
+        releases = ReleaseStore(store, checkers=checks)
         agent = FleetAgent(node_id=node_id, settings=self.settings_for(node_id, **kw), releases=releases,
-                           policies=policies, modules=runtime)
+                           policies=policy_runtime, modules=runtime)
         return Gateway(node_id, state_dir, store, releases, policies, agent, modules=runtime)
 
     def sign(self, artifact: bytes, version: int, *, name: str = NAME, **meta: Any) -> bytes:

@@ -67,6 +67,22 @@ class NotifySocket:
                 return data
         raise AssertionError(f"no {needle!r} within {timeout}s; got {self.messages!r}")
 
+    def wait_for_status(self, *parts: str, timeout: float = 30.0) -> str:
+        """The first ``STATUS=`` line that contains every one of ``parts`` (e.g. ``"modules: 1 loaded"``)."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for msg in self.messages[seen:]:
+                for line in msg.split("\n"):
+                    if line.startswith("STATUS=") and all(p in line for p in parts):
+                        return line
+            seen = len(self.messages)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no STATUS= with {parts!r} within {timeout}s; got {self.messages[-5:]!r}")
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self.sock.recv(65536).decode())
+
     def drain(self) -> None:
         """Collect datagrams already queued (e.g. STOPPING=1 after the process exited)."""
         self.sock.setblocking(False)

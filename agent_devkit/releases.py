@@ -21,10 +21,11 @@ from typing import Any
 
 import wasmtime
 
+from agent.daemon.releases import release_store
 from agent.storage import Store
 from agent.trust.keys import KeyType, PrivateKey, generate
 from agent.trust.keyset import keyset_document, sign_keyset
-from agent.trust.releases import Release, ReleaseStore
+from agent.trust.releases import Release
 from agent.trust.signer import sign_release
 from agent.trust.truststore import Role, TrustedKey, add_key
 
@@ -142,7 +143,7 @@ def install(state_dir: Path, artifact: bytes, bundle: bytes, *, stage_only: bool
     """Verify, store and (unless ``stage_only``) activate a release in ``state_dir``."""
     store = Store.open(state_dir)
     try:
-        releases = ReleaseStore(store)
+        releases = release_store(store)
         return releases.stage(artifact, bundle) if stage_only else releases.install(artifact, bundle)
     finally:
         store.close()

@@ -78,7 +78,7 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused(tmp_path: Path) -> Non
 
 
 DYING_SERVICE = textwrap.dedent("""
-    import asyncio, os, sys
+    import asyncio, dataclasses, os, sys
     from pathlib import Path
     import agent.daemon.main as m
 
@@ -90,8 +90,13 @@ DYING_SERVICE = textwrap.dedent("""
                 await asyncio.sleep(0.05)
             raise RuntimeError("sensor bus exploded")
 
-    original = m.build_services
-    m.build_services = lambda ctx: [*original(ctx), Dying()]
+    original = m.build
+
+    def build(ctx):
+        built = original(ctx)
+        return dataclasses.replace(built, services=(*built.services, Dying()))
+
+    m.build = build
     from agent.cli.agent_main import main
     raise SystemExit(main(sys.argv[1:]))
 """)
@@ -132,7 +137,7 @@ def test_a_dead_service_stops_the_watchdog_and_exits_non_zero(tmp_path: Path) ->
 
 
 STUBBORN_SERVICE = textwrap.dedent("""
-    import asyncio, sys
+    import asyncio, dataclasses, sys
     import agent.daemon.main as m
 
     class Stubborn:
@@ -144,8 +149,13 @@ STUBBORN_SERVICE = textwrap.dedent("""
                 except asyncio.CancelledError:
                     continue  # a bug: ignores cancellation
 
-    original = m.build_services
-    m.build_services = lambda ctx: [*original(ctx), Stubborn()]
+    original = m.build
+
+    def build(ctx):
+        built = original(ctx)
+        return dataclasses.replace(built, services=(*built.services, Stubborn()))
+
+    m.build = build
     from agent.cli.agent_main import main
     raise SystemExit(main(sys.argv[1:]))
 """)

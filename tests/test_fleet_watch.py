@@ -12,18 +12,19 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, PolicySettings
+from agent.daemon.releases import release_store
+from agent.daemon.status import collect
 from agent.fleet import watches
 from agent.fleet.watches import all_watches, check_at_start, open_watches
-from agent.policy.engine import load_policy
 from agent.policy.errors import PolicyEvalError
 from agent.policy.registry import PolicyRegistry
-from agent.status import collect
+from agent.policy.runtime import PolicyRuntime
 from agent.storage import Store
 from agent.storage.db import connect_writer
 from agent.storage.migrations import COMPONENTS, applied_versions, migrate
 from agent.storage.schema import fleet as fleet_schema
-from agent.trust.releases import Release, ReleaseStore
+from agent.trust.releases import Release
 from agent_devkit.fleet import NAME, FleetWorld, async_test, custom_section, fleet_world, manager, sandbox_wasm
 from agent_devkit.releases import Signer
 
@@ -88,7 +89,7 @@ class Line:
         self.state = tmp / "state"
         self.signer.trust(self.state, kinds=("policy",))
         self.store = Store.open(self.state)
-        self.releases = ReleaseStore(self.store)
+        self.releases = release_store(self.store)
         self.wasm = sandbox_wasm()
 
     def artifact(self, version: int) -> bytes:
@@ -234,9 +235,9 @@ async def test_a_resumed_window_rolls_back_a_release_that_turns_out_bad(world: F
         active = gw.releases.active("policy", NAME)
         assert active is not None and active.version == 2
         art = gw.releases.artifact_bytes(active.sha256)
-        policy = load_policy(art, name=NAME, version=2)
-        policy.default_entrypoint = "bad/trap"
-        gw.policies.swap(NAME, policy)
+        # what the policy loader does at start: the one load path, default entrypoint from the predicate
+        policy = await PolicyRuntime(gw.store, PolicySettings(), registry=gw.policies).load_release(active, art)
+        assert policy.default_entrypoint == "bad/trap"
         task = asyncio.create_task(gw.agent.run())
         try:
             failures = 0

@@ -106,7 +106,10 @@ def test_bus_reconnects_resubscribes_and_acks_only_on_the_receiving_connection(t
         settings = LocalBrokerSettings(host=broker.host, port=broker.port, client_id="t-bus",
                                        reconnect_min_s=0.1, reconnect_max_s=0.5)
         links: list[str] = []
-        bus = LocalBus(settings, "node", on_link=lambda state, _d: links.append(state))
+
+        async def on_link(state: str, _detail: str) -> None:
+            links.append(state)
+        bus = LocalBus(settings, "node", on_link=on_link)
         held: list[BusMessage] = []
         bus.subscribe("factory/#", held.append, manual_ack=True)
         task = asyncio.create_task(bus.run())

@@ -393,7 +393,7 @@ def test_documented_worked_example_is_what_the_module_does(tmp_path: Path) -> No
 
 def test_status_lists_modules_and_failed_runs(tmp_path: Path) -> None:
     from agent.config import AgentConfig
-    from agent.status import collect
+    from agent.daemon.status import collect
 
     async def go() -> None:
         store, rt = make_runtime(tmp_path)

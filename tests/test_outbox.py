@@ -13,8 +13,8 @@ import pytest
 from agent.clock import Stamp
 from agent.config import AgentConfig
 from agent.config.sync import DAY, OutboxSettings
-from agent.status import Report
 from agent.storage import Store
+from agent.storage.report import Report
 from agent.sync.outbox import (
     Outbox,
     OutboxClass,

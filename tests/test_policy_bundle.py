@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.policy.bundle import BundleError, is_bundle, read_bundle, read_members
+from agent.wasm.bundle import BundleError, is_bundle, read_bundle, read_members
 
 WASM = b"\0asm\x01\0\0\0"
 

@@ -11,6 +11,7 @@ import wasmtime
 
 from agent.config.modules import ModuleSettings
 from agent.config.policy import PolicySettings
+from agent.daemon.releases import release_store
 from agent.storage import Store
 from agent.trust import errors as E
 from agent.trust.releases import ReleaseStore
@@ -57,7 +58,7 @@ def wat(text: str) -> bytes:
 
 @pytest.mark.parametrize("action", ["install", "stage"])
 def test_policy_needing_a_missing_builtin_is_refused_naming_it(store: Store, signer: Signer, action: str) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     good = policy_wasm()
     rs.install(good, signer.sign(good, "policy", "gate", 1))
     before = (rs.list(include_retired=True), cache_rows(store), rs.floor("policy", "gate"))
@@ -81,12 +82,12 @@ def test_policy_with_agent_builtins_registered_installs(store: Store, signer: Si
     for name in ("custom.cat4", "custom.fail", "custom.undef", "custom.zero"):
         builtins.register(name, lambda _ctx, *args: None)
     blob = policy_wasm(policy="builtins")
-    rel = ReleaseStore(store, builtins=builtins).install(blob, signer.sign(blob, "policy", "b", 1))
+    rel = release_store(store, builtins=builtins).install(blob, signer.sign(blob, "policy", "b", 1))
     assert rel.state == "active"
 
 
 def test_policy_entrypoint_named_by_predicate_must_exist(store: Store, signer: Signer) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     blob = policy_wasm()
     with pytest.raises(E.PolicyUnsupported, match=r"entrypoint\(s\) \['app/nope'\].*app/rbac/allow"):
         rs.install(blob, signer.sign(blob, "policy", "gate", 1, entrypoints=["app/nope"]))
@@ -96,7 +97,7 @@ def test_policy_entrypoint_named_by_predicate_must_exist(store: Store, signer: S
 def test_non_opa_wasm_as_policy_is_refused(store: Store, signer: Signer) -> None:
     blob = wasm_module()
     with pytest.raises(E.PolicyUnsupported, match=r"env\.memory"):
-        ReleaseStore(store).install(blob, signer.sign(blob, "policy", "gate", 1))
+        release_store(store).install(blob, signer.sign(blob, "policy", "gate", 1))
 
 
 @pytest.mark.parametrize(("wasm", "meta", "needle"), [
@@ -110,7 +111,7 @@ def test_non_opa_wasm_as_policy_is_refused(store: Store, signer: Signer) -> None
 ], ids=["no_start", "env_import", "unknown_wasi_call", "memory_over_cap", "unknown_trigger", "bad_filter"])
 def test_module_the_runtime_cannot_run_is_refused(store: Store, signer: Signer, wasm: bytes,
                                                   meta: dict[str, object], needle: str) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     good = wasm_module()
     rs.install(good, signer.sign(good, "module", "m", 1))
     before = (rs.list(include_retired=True), cache_rows(store))
@@ -124,8 +125,8 @@ def test_module_limits_follow_the_gateway_config(store: Store, signer: Signer) -
     """A module needing 64 MiB is refused with the default 32 MiB cap and accepted where the config allows."""
     blob = wat('(module (memory 1024) (func (export "_start")))')  # 1024 pages = 64 MiB
     with pytest.raises(E.ModuleUnsupported, match="memory cap 32 MiB"):
-        ReleaseStore(store).install(blob, signer.sign(blob, "module", "big", 1))
-    roomy = ReleaseStore(store, module_settings=ModuleSettings(memory_limit_mb=128))
+        release_store(store).install(blob, signer.sign(blob, "module", "big", 1))
+    roomy = release_store(store, modules=ModuleSettings(memory_limit_mb=128))
     assert roomy.install(blob, signer.sign(blob, "module", "big", 1, limits={"memory_mb": 100})).state == "active"
 
 
@@ -133,13 +134,13 @@ def test_real_example_module_with_documented_trigger_installs(store: Store, sign
     from agent_devkit.examples import example
     blob = example("counter")
     meta = {"trigger": {"type": "mixed", "schedule": {"cron": "*/5 * * * *"}, "topics": ["factory/+/+/temp"]}}
-    assert ReleaseStore(store).install(blob, signer.sign(blob, "module", "counter", 1, **meta)).state == "active"
+    assert release_store(store).install(blob, signer.sign(blob, "module", "counter", 1, **meta)).state == "active"
 
 
 @pytest.mark.parametrize("kind", ["policy", "module"])
 def test_install_compiles_once_and_the_runtime_reuses_it(store: Store, signer: Signer, kind: str) -> None:
     blob = policy_wasm("reuse") if kind == "policy" else wasm_module(exports=("reuse",))
-    rel = ReleaseStore(store, policy_settings=PolicySettings()).install(blob, signer.sign(blob, kind, "r", 1))
+    rel = release_store(store, policy=PolicySettings()).install(blob, signer.sign(blob, kind, "r", 1))
     engine = shared_engine()
     assert cache_rows(store) == [(rel.sha256, engine.fingerprint)]
     compiled: list[int] = []
@@ -149,3 +150,14 @@ def test_install_compiles_once_and_the_runtime_reuses_it(store: Store, signer: S
         return blob
     module = codecache.load_module(store, engine, rel.sha256, loader)  # what the daemon's loaders call
     assert compiled == [] and any(e.name for e in module.exports)
+
+
+def test_a_kind_no_runtime_here_can_load_is_refused_and_nothing_is_stored(store: Store, signer: Signer) -> None:
+    """The release store only stores what a runtime said it can run: with no checker for a kind (a
+    store built without runtimes) a release of that kind is refused, not stored unchecked."""
+    blob = wasm_module()
+    with pytest.raises(E.KindUnsupported, match="no module runtime") as info:
+        ReleaseStore(store).install(blob, signer.sign(blob, "module", "m", 1))
+    assert info.value.code == "kind_unsupported"
+    assert ReleaseStore(store).list(include_retired=True) == []
+    assert error_codes(store) == ["kind_unsupported"]

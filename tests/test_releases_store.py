@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 import wasmtime
 
+from agent.daemon.releases import release_store
 from agent.storage import Store
 from agent.storage.migrations import COMPONENTS
 from agent.trust import errors as E
-from agent.trust.releases import ReleaseStore, ReleaseStoreError
+from agent.trust.releases import ReleaseStoreError
 from agent.trust.timekeeper import advance_job, last_good_time, trusted_now
 from agent.trust.truststore import add_key
 from agent.wasm import codecache
@@ -53,7 +54,7 @@ def snapshot(store: Store) -> dict[str, Any]:
 
 
 def test_install_activate_previous_gc(store: Store, signer: Signer) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     gens = [rs.generation()]
     blobs = [wasm_module(exports=(f"v{i}",)) for i in range(4)]
     for i, blob in enumerate(blobs, start=1):
@@ -71,7 +72,7 @@ def test_install_activate_previous_gc(store: Store, signer: Signer) -> None:
 
 
 def test_corrupted_stored_bytes_are_never_returned(store: Store, signer: Signer) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     blob = wasm_module()
     rel = rs.install(blob, signer.sign(blob, "module", "m", 1))
     store.writer.run_sync(lambda db: db.execute("UPDATE release_artifacts SET data = ? WHERE sha256 = ?",
@@ -82,7 +83,7 @@ def test_corrupted_stored_bytes_are_never_returned(store: Store, signer: Signer)
 
 
 def test_stage_activate_rollback_keeps_floor(store: Store, signer: Signer) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     a, b = policy_wasm("a"), policy_wasm("b")  # real OPA-ABI policies: the store loads what it installs
     rs.install(a, signer.sign(a, "policy", "safety", 1))
     staged = rs.stage(b, signer.sign(b, "policy", "safety", 2))
@@ -106,7 +107,7 @@ def test_floor_survives_reinstall_gc_and_migration(tmp_path: Path, signer: Signe
     state = tmp_path / "state"
     store = Store.open(state)
     store.writer.run_sync(add_key(signer.trusted()))
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     blob = wasm_module()
     for v in (1, 2, 3):
         rs.install(blob, signer.sign(blob, "module", "m", v))
@@ -136,7 +137,7 @@ def test_floor_survives_reinstall_gc_and_migration(tmp_path: Path, signer: Signe
                                 ).fetchone()[0] == len(COMPONENTS["trust"])
         finally:
             conn.close()
-        rs = ReleaseStore(store)
+        rs = release_store(store)
         for v in (1, 2, 3):
             with pytest.raises(E.VersionNotNewer):
                 rs.install(blob, signer.sign(blob, "module", "m", v))
@@ -200,7 +201,7 @@ def test_every_rule_has_a_stateful_rejection_test() -> None:
 
 @pytest.mark.parametrize("code", sorted(REJECTIONS))
 def test_rejection_leaves_installed_state_untouched(store: Store, signer: Signer, code: str) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     first = wasm_module(exports=("first",))
     rs.install(first, signer.sign(first, "module", "m", 1))
     p1 = opa_bundle()
@@ -209,7 +210,7 @@ def test_rejection_leaves_installed_state_untouched(store: Store, signer: Signer
     artifact, bundle, kw = REJECTIONS[code](signer)
     for action in ("install", "stage"):
         with pytest.raises(E.ReleaseRejected) as info:
-            getattr(ReleaseStore(store, **kw), action)(artifact, bundle)
+            getattr(release_store(store, **kw), action)(artifact, bundle)
         assert info.value.code == code
         assert snapshot(store) == before
     conn = store.reader()
@@ -221,7 +222,7 @@ def test_rejection_leaves_installed_state_untouched(store: Store, signer: Signer
 
 
 def test_trusted_time_survives_clock_reset(store: Store, signer: Signer) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     real_now = time.time()
     blob = wasm_module()
     rs.install(blob, signer.sign(blob, "module", "m", 1, not_before="2025-01-01T00:00:00Z",
@@ -262,7 +263,7 @@ def test_future_clock_is_not_persisted_beyond_a_bounded_step(store: Store, signe
         floor += 300 * (1 + CATCH_UP_RATE) + ELAPSED_SLACK_S
         assert store.writer.run_sync(advance_job(future, elapsed_s=300)) == pytest.approx(floor)
     # the clock is corrected: a release expiring in a month installs (it would be "expired" at 2099)
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     blob = wasm_module()
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(real_now + 30 * day))
     rel = rs.install(blob, signer.sign(blob, "module", "m", 1, expires=expires), system_now=real_now + 60)
@@ -322,7 +323,7 @@ def test_codecache_roundtrip_binding_and_tamper(store: Store, tmp_path: Path) ->
 
 
 def test_async_variants(store: Store, signer: Signer) -> None:
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     blob = wasm_module()
 
     async def main() -> None:

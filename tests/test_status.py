@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.daemon.lock import StateLock
+from agent.storage.lock import StateLock
 from agent_devkit import REPO
 from agent_devkit.procs import agent_process, run_agent, status_json
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.daemon.releases import release_store
 from agent.storage import Store
 from agent.trust import errors as E
 from agent.trust.errors import TrustError
 from agent.trust.keyset import apply_keyset_job
-from agent.trust.releases import ReleaseStore
 from agent.trust.truststore import add_key, load_trust_set
 from agent_devkit.procs import run_agent, run_fleet
 from agent_devkit.releases import Signer, wasm_module
@@ -33,7 +33,7 @@ def test_rotation_revocation_replay(store: Store) -> None:
     root, old, new = Signer.create(), Signer.create(), Signer.create("ed25519")
     store.writer.run_sync(add_key(root.trusted(role="root")))
     store.writer.run_sync(add_key(old.trusted()))
-    rs = ReleaseStore(store)
+    rs = release_store(store)
     rs.install(WASM, old.sign(WASM, "module", "m", 1))
     # key set 1: add the new key (policies only), revoke the old one
     doc, bundle = root.sign_keyset(1, [(new, "release", ["module"], "*")], revoked=[old.key_id])

@@ -292,8 +292,8 @@ def test_key_files_refused_with_reasons() -> None:
 
 def test_policy_bundle_errors_map_to_specific_codes() -> None:
     """The reader's own errors (real archives), classified by their code alone."""
-    from agent.policy.bundle import BundleError, read_bundle
     from agent.trust.artifacts import classify_bundle_error
+    from agent.wasm.bundle import BundleError, read_bundle
 
     def code_of(blob: bytes, **limits: int) -> str:
         with pytest.raises(BundleError) as info:

@@ -10,10 +10,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli.common import EXIT_OK, add_config_options
 from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from agent.policy.engine import Policy
 
 
 class PolicyCliError(AgentError):
@@ -45,16 +48,18 @@ def _read_json_file(path: Path, what: str) -> Any:
         raise PolicyCliError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
-def _release_bytes(args: argparse.Namespace, name: str) -> tuple[bytes, int, Any]:
-    """The artifact of the active policy release ``name``, its version and its compiled module
-    (from the agent's code cache when the daemon already compiled it)."""
+def _installed_policy(args: argparse.Namespace, name: str, data: dict[str, Any] | None) -> Policy:
+    """The active installed policy release ``name``, loaded the way the daemon loads it (the policy
+    runtime: its code from the agent's code cache, the signed predicate's default entrypoint)."""
     from agent.cli.common import config_from
+    from agent.policy.runtime import PolicyRuntime
+    from agent.storage import Store
+    from agent.trust.releases import ReleaseStore
+
     config = config_from(args)
     if not config.db_path.exists():
         raise PolicyCliError(f"{name!r} is not a file, and there is no state database at {config.db_path} "
                              "to look up an installed release")
-    from agent.storage import Store
-    from agent.trust.releases import ReleaseStore
     store = Store.open(config.state_dir)
     try:
         releases = ReleaseStore(store)
@@ -63,9 +68,7 @@ def _release_bytes(args: argparse.Namespace, name: str) -> tuple[bytes, int, Any
             raise PolicyCliError(f"{name!r} is neither a file nor an active installed policy release "
                                  "(see 'edge-agent status')")
         artifact = releases.artifact_bytes(rel.sha256)
-        from agent.policy.engine import load_policy
-        policy = load_policy(artifact, name=name, version=rel.version, code_cache=store, data={})
-        return artifact, rel.version, policy._module
+        return PolicyRuntime(store, config.policy).load(rel, artifact, data=data)
     finally:
         store.close()
 
@@ -76,25 +79,16 @@ def handle_eval(args: argparse.Namespace) -> int:
     from agent.policy.engine import load_policy
 
     configure(level="error")  # logs go to stderr: stdout carries only result sets
-    settings = PolicySettings()
     source = Path(args.policy)
-    version = 0
-    module: Any = None
-    if source.is_file():
-        blob = source.read_bytes()
-    elif "/" in args.policy or args.policy.endswith((".wasm", ".gz", ".tgz")):
-        raise PolicyCliError(f"policy file {args.policy} does not exist")
-    else:
-        blob, version, module = _release_bytes(args, args.policy)
-        try:
-            from agent.cli.common import config_from
-            settings = config_from(args).policy
-        except AgentError:
-            pass
     data = _read_json_file(args.data, "data file") if args.data else None
     if data is not None and not isinstance(data, dict):
         raise PolicyCliError(f"data file {args.data} must hold a JSON object")
-    policy = load_policy(blob, data=data, settings=settings, name=source.name, version=version, module=module)
+    if source.is_file():
+        policy = load_policy(source.read_bytes(), data=data, settings=PolicySettings(), name=source.name)
+    elif "/" in args.policy or args.policy.endswith((".wasm", ".gz", ".tgz")):
+        raise PolicyCliError(f"policy file {args.policy} does not exist")
+    else:
+        policy = _installed_policy(args, args.policy, data)
     out = sys.stdout
     if args.input is not None:
         try:

@@ -9,7 +9,7 @@ from typing import Any
 
 from agent.cli.common import EXIT_FAIL, EXIT_OK, add_config_options, config_from
 from agent.config import AgentConfig
-from agent.status import collect
+from agent.daemon.status import collect
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

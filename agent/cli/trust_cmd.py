@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,15 +151,15 @@ def register_install(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def handle_install(args: argparse.Namespace) -> int:
-    from agent.trust.releases import ReleaseStore
+    from agent.daemon.releases import release_store
     config = config_from(args)
     if args.artifact.is_dir():
         from agent.cli.registry_cmd import install_layout, print_layout_rows
         if args.bundle is not None:
             raise TrustError(f"{args.artifact} is an OCI image layout: its signatures are inside; drop --bundle")
         with open_store(args) as store:
-            rows, failed = install_layout(args.artifact, ReleaseStore(store, policy_settings=config.policy,
-                                                                      module_settings=config.modules),
+            rows, failed = install_layout(args.artifact, release_store(store, policy=config.policy,
+                                                                       modules=config.modules),
                                           stage=args.stage)
         print_layout_rows(rows, args.json)
         return EXIT_FAIL if failed else EXIT_OK
@@ -168,14 +168,14 @@ def handle_install(args: argparse.Namespace) -> int:
     artifact = read_file(args.artifact, "artifact")
     bundle = read_file(args.bundle, "bundle")
     with open_store(args) as store:  # checked with the daemon's [policy]/[modules] limits: same verdict
-        releases = ReleaseStore(store, policy_settings=config.policy, module_settings=config.modules)
-        action: Callable[..., object] = releases.stage if args.stage else releases.install
+        releases = release_store(store, policy=config.policy, modules=config.modules)
         try:
-            rel = action(artifact, bundle, source="cli")
+            if args.stage:
+                rel = releases.stage(artifact, bundle, source="cli")
+            else:
+                rel = releases.install(artifact, bundle, source="cli")
         except ReleaseRejected as exc:
             return _rejected(exc)
-    from agent.trust.releases import Release
-    assert isinstance(rel, Release)
     print(f"{'staged' if args.stage else 'installed'} {rel.kind} {rel.name} v{rel.version} "
           f"sha256={rel.sha256[:16]} signer={rel.signer_key_id[:16]} state={rel.state}")
     return EXIT_OK

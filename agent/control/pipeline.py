@@ -1,6 +1,6 @@
 """The control loop's back half: module outputs → policy gate → actuations / properties / events.
 
-This is ``ctx.components["pipeline"]`` and the module runtime's output sink. For one module output:
+It is the module runtime's output sink (the composition root connects the two). For one module output:
 
 1. every actuation and property update is put to the gate policy (see ``contract.py``); the
    evaluation is a bounded in-process Wasm call (the policy engine's epoch deadline caps it at
@@ -34,7 +34,8 @@ from agent.config.pipeline import PipelineSettings
 from agent.control.contract import Verdict, verdict
 from agent.errors import AgentError
 from agent.logs import get_logger
-from agent.policy.engine import encode_input
+from agent.policy.engine import Policy, encode_input
+from agent.policy.registry import PolicyRegistry
 from agent.runtime.contract import ModuleOutput
 from agent.storage import Store
 
@@ -43,19 +44,6 @@ log = get_logger("pipeline")
 NO_POLICY = "(none)"
 OUTPUT_QUEUE = 256
 LAST_PROPS_MAX = 100_000
-
-
-class GatePolicy(Protocol):
-    name: str
-    version: int
-
-    def evaluate(self, input: Any = ..., entrypoint: str | None = None) -> Any: ...
-
-
-class PolicySource(Protocol):
-    def get(self, name: str) -> Any: ...
-
-    def names(self) -> list[str]: ...
 
 
 class Publisher(Protocol):
@@ -126,7 +114,7 @@ def _property_type(value: Any, declared: str) -> str:
 
 class Pipeline:
     def __init__(self, store: Store, settings: PipelineSettings, node_id: str, *,
-                 publisher: Publisher | None, policies: PolicySource | None,
+                 publisher: Publisher | None, policies: PolicyRegistry | None,
                  decision_policy: Callable[[], str] = lambda: "") -> None:
         self.store = store
         self.settings = settings
@@ -143,13 +131,12 @@ class Pipeline:
         # version is not an update (no decision, no write) — modules report their state every run
         self._last_props: dict[tuple[str, str], tuple[str, Any, tuple[str, int]]] = {}
 
-    def _policy(self) -> GatePolicy | None:
+    def _policy(self) -> Policy | None:
         if self.policies is None:
             return None
         name = self.decision_policy()
         if name:
-            policy: GatePolicy | None = self.policies.get(name)
-            return policy
+            return self.policies.get(name)
         names = self.policies.names()
         return self.policies.get(names[0]) if names else None
 
@@ -171,13 +158,9 @@ class Pipeline:
             # the input is encoded once: the policy evaluates these bytes and the decision log stores
             # them, so the logged input is exactly what the policy saw
             blob = encode_input(inp)
-            evaluate_json = getattr(policy, "evaluate_json", None)
-            if evaluate_json is not None:
-                # the result set exactly as the policy wrote it: stored as is, not re-encoded per decision
-                rs, text = evaluate_json(blob, entrypoint)
-            else:
-                rs = policy.evaluate(inp, entrypoint)
-            raw = getattr(rs, "raw", rs)
+            # the result set exactly as the policy wrote it: stored as is, not re-encoded per decision
+            rs, text = policy.evaluate_json(blob, entrypoint)
+            raw = rs.raw
         except AgentError as exc:
             log.error("gate_policy_failed", policy=policy.name, version=policy.version, error=str(exc),
                       code=exc.code, subject=subject)

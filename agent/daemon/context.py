@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from agent.config import AgentConfig
 from agent.daemon.notify import Notifier
@@ -21,6 +21,10 @@ class Service(Protocol):
 
 
 class Reloadable(Protocol):
+    """A part of the daemon that applies a new config on SIGHUP (listed in ``Components.reloadables``)."""
+
+    name: str
+
     async def reload(self, config: AgentConfig) -> None: ...
 
 
@@ -33,8 +37,6 @@ class Context:
     started_at: float = field(default_factory=time.time)
     # how the previous run of the daemon ended: "stopped" (cleanly), "failed", other = it died; None = first
     previous_end: str | None = None
-    # components that services share, keyed by their role (e.g. "local_bus", "policies")
-    components: dict[str, Any] = field(default_factory=dict)
     # short "what it is doing" phrases per service, joined into the sd_notify STATUS= line
     status_parts: dict[str, str] = field(default_factory=dict)
 

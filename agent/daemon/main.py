@@ -18,13 +18,13 @@ from agent import __version__, offload
 from agent.config import AgentConfig, load_config
 from agent.daemon.context import Context, Reloadable, Service
 from agent.daemon.heartbeat import started_job, stopped_job
-from agent.daemon.lock import StateLock
 from agent.daemon.notify import Notifier
-from agent.daemon.services import build_services
 from agent.daemon.supervisor import ServiceDied, Supervisor
+from agent.daemon.wiring import build
 from agent.errors import AgentError, StorageFull
 from agent.logs import configure, get_logger
 from agent.storage import Store
+from agent.storage.lock import StateLock
 
 log = get_logger("daemon")
 
@@ -41,7 +41,8 @@ class Daemon:
         self.state_dir_override = state_dir_override
         self._stop = asyncio.Event()
         self._stop_reason = "stopped by signal"
-        self._services: list[Service] = []
+        self._services: tuple[Service, ...] = ()
+        self._reloadables: tuple[Reloadable, ...] = ()
         self._ctx: Context | None = None
         self._reload_lock = asyncio.Lock()
         self._reload_tasks: set[asyncio.Task[None]] = set()
@@ -103,10 +104,11 @@ class Daemon:
             return await self._shutdown(ctx, {}, None, None)
         ctx.notifier.status("starting services")
         try:
-            services = build_services(ctx)
+            components = build(ctx)
         except Exception as exc:  # a service that cannot even be built: record it, stop as failed
             return await self._shutdown(ctx, {}, None, exc)
-        self._services = services
+        services = components.services
+        self._services, self._reloadables = services, components.reloadables
         tasks = {svc.name: asyncio.create_task(self._run_service(ctx, svc), name=svc.name) for svc in services}
         supervisor = Supervisor(ctx, tasks)
         await asyncio.sleep(0)  # let every service start before declaring readiness
@@ -212,15 +214,13 @@ class Daemon:
             configure(new.agent.log_level, new.agent.log_format)
             ctx.config = new
             failed: list[str] = []
-            for svc in self._services:
-                if hasattr(svc, "reload"):
-                    reloadable: Reloadable = svc  # type: ignore[assignment]
-                    try:
-                        await reloadable.reload(new)
-                    except Exception as exc:  # one service's reload must not take the others down
-                        failed.append(svc.name)
-                        log.error("service_reload_failed", service=svc.name, error=str(exc))
-                        await self._record_error(ctx, svc.name, "reload_failed", str(exc))
+            for svc in self._reloadables:
+                try:
+                    await svc.reload(new)
+                except Exception as exc:  # one service's reload must not take the others down
+                    failed.append(svc.name)
+                    log.error("service_reload_failed", service=svc.name, error=str(exc))
+                    await self._record_error(ctx, svc.name, "reload_failed", str(exc))
             self.reloads += 1
             log.info("config_reloaded", path=str(self.config_path) if self.config_path else None,
                      failed_services=failed)

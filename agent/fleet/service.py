@@ -1,9 +1,8 @@
 """The daemon's fleet service: link + receiver + swap orchestrator + status reporter, wired together.
 
-Finds what it needs in ``ctx.components`` at start: ``releases`` (the ReleaseWatcher; its
-ReleaseStore is the one verification path), ``policies`` (the PolicyRegistry, or a service
-exposing ``.registry``) and ``modules`` (the ModuleRuntime). Missing parts make the matching
-releases rejected with a clear code rather than the service failing.
+:class:`FleetAgent` is given what it needs by the composition root: the release store (the one
+verification path), the policy runtime and the module runtime (None: module releases are rejected
+with a clear code rather than the service failing).
 
 Health windows survive restarts (:mod:`agent.fleet.watches`): the service settles the open ones while
 it is *built* — before any service task runs, so before the policy loader or the module service can
@@ -17,10 +16,8 @@ import contextlib
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from agent.config.fleet import FleetSettings
-from agent.daemon.context import Context
 from agent.errors import AgentError
 from agent.fleet.health import HealthRules
 from agent.fleet.link import FleetLink, LinkConfig
@@ -33,7 +30,7 @@ from agent.fleet.watches import Watch, check_at_start
 from agent.logs import get_logger
 from agent.oci.client import RegistryClient, RegistryConfig
 from agent.offload import run_blocking
-from agent.policy.registry import PolicyRegistry, shared_registry
+from agent.policy.runtime import PolicyRuntime
 from agent.runtime.modules import ModuleRuntime
 from agent.storage.db import connect_reader
 from agent.trust.releases import ReleaseStore
@@ -96,8 +93,7 @@ class FleetAgent:
     """Everything of the fleet side of one gateway, independent of the daemon (tests, benchmarks)."""
 
     def __init__(self, *, node_id: str, settings: FleetSettings, releases: ReleaseStore,
-                 policies: PolicyRegistry, modules: ModuleRuntime | None = None,
-                 policy_settings: Any = None) -> None:
+                 policies: PolicyRuntime, modules: ModuleRuntime | None = None) -> None:
         self.node_id = node_id
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
@@ -105,7 +101,7 @@ class FleetAgent:
         self.reporter = StatusReporter(node_id, self.topics, releases.store.writer)
         self.swap = SwapOrchestrator(node_id=node_id, releases=releases, policies=policies, reporter=self.reporter,
                                      rules=health_rules(settings), shadow_inputs=settings.shadow_inputs,
-                                     policy_settings=policy_settings, modules=modules)
+                                     modules=modules)
         self.receiver = ReleaseReceiver(node_id=node_id, site=settings.site, groups=tuple(settings.groups),
                                         topics=self.topics, max_bytes=settings.max_release_bytes,
                                         handler=self.swap, reporter=self.reporter)
@@ -207,34 +203,17 @@ class FleetAgent:
 
 
 class FleetService:
-    """The daemon service (``[fleet] enabled = true``)."""
+    """The daemon service (``[fleet] enabled = true``): runs the :class:`FleetAgent` the composition
+    root built (and whose open health windows it settled before any service task started)."""
 
     name = "fleet"
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-        self.agent = self._build(ctx)
+    def __init__(self, agent: FleetAgent, *, on_status: Callable[[str], None] | None = None) -> None:
+        self.agent = agent
+        self.on_status = on_status
 
     async def run(self) -> None:
-        ctx = self.ctx
-        agent = self.agent
-        ctx.set_status("fleet", "connecting")
-        agent.on_status = lambda text: ctx.set_status("fleet", text)
-        await agent.run()
-
-    @staticmethod
-    def _build(ctx: Context) -> FleetAgent:
-        watcher = ctx.components.get("releases")
-        releases = getattr(watcher, "releases", None)
-        if not isinstance(releases, ReleaseStore):
-            releases = ReleaseStore(ctx.store)
-        runtime = ctx.components.get("modules")
-        agent = FleetAgent(node_id=ctx.config.node_id, settings=ctx.config.fleet, releases=releases,
-                           policies=shared_registry(ctx.components),
-                           modules=runtime if isinstance(runtime, ModuleRuntime) else None,
-                           policy_settings=ctx.config.policy)
-        ctx.components["fleet"] = agent
-        # now, while the daemon builds its services: no service task runs yet, so a release rolled back
-        # for a crash loop is never loaded again (one short SQLite transaction per open window)
-        agent.check_watches(after_failure=ctx.after_failure)
-        return agent
+        if self.on_status is not None:
+            self.on_status("connecting")
+        self.agent.on_status = self.on_status
+        await self.agent.run()

@@ -8,12 +8,12 @@ import sqlite3
 from typing import TYPE_CHECKING
 
 from agent.clock import iso
-from agent.daemon.lock import daemon_holds_lock
 from agent.fleet.watches import open_watches
+from agent.storage.lock import daemon_holds_lock
 
-if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
+if TYPE_CHECKING:
     from agent.config import AgentConfig
-    from agent.status import Report
+    from agent.storage.report import Report
 
 
 def fleet_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:

@@ -39,7 +39,6 @@ from typing import Any
 
 import wasmtime
 
-from agent.config.policy import PolicySettings
 from agent.errors import AgentError
 from agent.fleet import watches
 from agent.fleet.health import HealthRules, HealthSample, judge, quantile_us
@@ -48,22 +47,16 @@ from agent.fleet.reporter import ReleaseStatus, StatusReporter
 from agent.fleet.watches import Watch
 from agent.logs import get_logger
 from agent.offload import run_blocking
-from agent.policy.bundle import is_bundle, read_bundle
-from agent.policy.engine import LATENCY_BUCKETS_US, Policy, load_policy
-from agent.policy.errors import PolicyLoadError
-from agent.policy.registry import PolicyRegistry
+from agent.policy.engine import LATENCY_BUCKETS_US, Policy
+from agent.policy.runtime import PolicyRuntime
 from agent.runtime.modules import ModuleRuntime
-from agent.storage import Store
 from agent.storage.db import connect_reader
 from agent.trust.errors import ReleaseRejected
 from agent.trust.releases import Release, ReleaseStore, ReleaseStoreError
-from agent.wasm import codecache
-from agent.wasm.engine import shared_engine
 
 log = get_logger("fleet")
 
 HEALTH_POLL_S = 0.05
-PolicyLoader = Callable[[bytes, Release], Policy]
 
 # module run outcomes that are the guest's fault in a way a rollback fixes (not e.g. "ok")
 _MODULE_TRAPS = ("trap", "memory", "deadline", "timeout", "exit")
@@ -105,17 +98,6 @@ class SwapCounters:
     rolled_back: int = 0
     healthy: int = 0
     swap_ms: list[float] = field(default_factory=list)
-
-
-def _compiled(store: Store, artifact: bytes, sha256: str) -> wasmtime.Module | None:
-    """The policy's compiled code: staging already compiled it into the code cache, so this is a
-    ~1 ms deserialize, not a second compile (None if unavailable: the loader then compiles and says why)."""
-    try:
-        return codecache.load_module(
-            store, shared_engine(), sha256,
-            lambda: bytes(read_bundle(artifact).wasm if is_bundle(artifact) else artifact))
-    except Exception:
-        return None
 
 
 def recent_decisions(db_path: Path, policy_name: str, limit: int) -> list[tuple[str, str, str]]:
@@ -161,19 +143,17 @@ def shadow_evaluate(policy: Policy, rows: list[tuple[str, str, str]]) -> dict[st
 class SwapOrchestrator:
     """Implements :class:`agent.fleet.receiver.ReleaseHandler` over the real stores and registries."""
 
-    def __init__(self, *, node_id: str, releases: ReleaseStore, policies: PolicyRegistry,
+    def __init__(self, *, node_id: str, releases: ReleaseStore, policies: PolicyRuntime,
                  reporter: StatusReporter, rules: HealthRules, shadow_inputs: int,
-                 policy_settings: PolicySettings | None = None, policy_loader: PolicyLoader | None = None,
                  modules: ModuleRuntime | None = None,
                  has_newer: Callable[[str, str], bool] | None = None) -> None:
         self.node_id = node_id
         self.releases = releases
-        self.policies = policies
+        self.policy_runtime = policies
+        self.policies = policies.registry
         self.reporter = reporter
         self.rules = rules
         self.shadow_inputs = shadow_inputs
-        self.policy_settings = policy_settings or PolicySettings()
-        self.policy_loader = policy_loader or self._default_loader
         self.modules = modules
         self.has_newer = has_newer
         self.counters = SwapCounters()
@@ -270,8 +250,7 @@ class SwapOrchestrator:
         self.timings["verify_stage_ms"] = (time.perf_counter() - t_verify) * 1000
         self.reporter.report_soon(status("verified"))
         if rel.kind == "policy":
-            module = await run_blocking(_compiled, self.releases.store, env.artifact, rel.sha256)
-            return await self._swap_policy(env.artifact, rel, status, started, module,
+            return await self._swap_policy(env.artifact, rel, status, started,
                                            previous_version=active_version, scope=str(delivery.scope))
         return await self._swap_module(env.artifact, rel, status, started, previous_version=active_version,
                                        scope=str(delivery.scope))
@@ -306,29 +285,12 @@ class SwapOrchestrator:
             return await self._watch_module(rel, self.modules, status, watch.id)
 
     # -- policies ---------------------------------------------------------------------------------
-    def _default_loader(self, artifact: bytes, rel: Release, module: wasmtime.Module | None = None) -> Policy:
-        """Compile (unless precompiled) + instantiate (blocking; called via ``run_blocking``). The signed
-        predicate's first entrypoint, when it names one, becomes the default the gate evaluates."""
-        policy = load_policy(artifact, settings=self.policy_settings, name=rel.name, version=rel.version,
-                             module=module)
-        wanted = rel.predicate.entrypoints
-        missing = [e for e in wanted if e not in policy.entrypoints]
-        if missing:
-            raise PolicyLoadError(f"the release names entrypoint(s) {missing} that the policy does not export "
-                                  f"(it has {sorted(policy.entrypoints)})", code="policy_entrypoint_missing")
-        if wanted:
-            policy.default_entrypoint = wanted[0]
-        return policy
-
     async def _swap_policy(self, artifact: bytes, rel: Release, status: Callable[..., ReleaseStatus],
-                           started: float, module: wasmtime.Module | None = None, *,
-                           previous_version: int | None = None, scope: str = "") -> str:
+                           started: float, *, previous_version: int | None = None, scope: str = "") -> str:
         t0 = time.perf_counter()
         try:
-            if module is not None and self.policy_loader == self._default_loader:
-                policy = await run_blocking(self._default_loader, artifact, rel, module)
-            else:
-                policy = await run_blocking(self.policy_loader, artifact, rel)
+            # staging compiled it into the code cache: this is a ~1 ms deserialize, not a second compile
+            policy = await self.policy_runtime.aload(rel, artifact)
         except AgentError as exc:
             await self._retire(rel)
             self.counters.rejected += 1
@@ -434,7 +396,7 @@ class SwapOrchestrator:
         previous = old
         if previous is None or previous.version != restored.version:
             artifact = await self.releases.aartifact_bytes(restored.sha256)
-            previous = await run_blocking(self.policy_loader, artifact, restored)
+            previous = await self.policy_runtime.aload(restored, artifact)
         self.policies.swap(rel.name, previous)
         if bad is not None:
             bad.close()

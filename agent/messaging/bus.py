@@ -21,11 +21,11 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config.model import LocalBrokerSettings
+from agent.config import AgentConfig, LocalBrokerSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.messaging import topics
@@ -38,7 +38,7 @@ LINK_NAME = "local_broker"
 STABLE_SESSION_S = 10.0
 OFFLINE_WARN_EVERY_S = 600.0
 Handler = Callable[["BusMessage"], None]
-LinkListener = Callable[[str, str], Any]
+LinkListener = Callable[[str, str], Awaitable[None]]
 ROUTE_CACHE_MAX = 4096
 CONNECT_TIMEOUT_S = 10.0
 
@@ -150,10 +150,10 @@ class LocalBus:
         for topic_filter in self.settings.subscriptions:
             self.subscribe(topic_filter, handler, manual_ack=True)
 
-    async def reload(self, config: Any) -> None:
+    async def reload(self, config: AgentConfig) -> None:
         """SIGHUP: a changed ``[local_broker]`` table takes effect by reconnecting. With the same client
         id the broker keeps the session, so nothing unacknowledged is lost on the way."""
-        new: LocalBrokerSettings = config.local_broker
+        new = config.local_broker
         if new == self.settings:
             return
         old = self.settings
@@ -333,8 +333,6 @@ class LocalBus:
         if self._on_link is None:
             return
         try:
-            result = self._on_link(state, detail)
-            if asyncio.iscoroutine(result):
-                await result
+            await self._on_link(state, detail)
         except AgentError as exc:
             log.error("local_bus_link_state_failed", error=str(exc))

@@ -48,10 +48,10 @@ import wasmtime
 
 from agent.config.policy import PolicySettings
 from agent.logs import get_logger
-from agent.policy.bundle import BundleError, is_bundle, read_bundle
 from agent.policy.errors import BuiltinError, PolicyEvalError, PolicyLoadError
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext, Builtins
 from agent.wasm import calls as _calls_mod
+from agent.wasm.bundle import BundleError, is_bundle, read_bundle
 from agent.wasm.calls import (
     _MEM_DATA,
     _MEM_SIZE,

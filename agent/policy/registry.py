@@ -58,20 +58,3 @@ class PolicyRegistry:
 
     def health_all(self) -> list[dict[str, Any]]:
         return [h for n in self.names() if (h := self.health(n)) is not None]
-
-
-def shared_registry(components: dict[str, Any]) -> PolicyRegistry:
-    """The daemon's one registry, ``ctx.components["policies"]`` (published by whoever asks first).
-
-    The pipeline's gate reads it; the policy loader and the fleet's swap orchestrator write it.
-    """
-    component = components.get("policies")
-    if isinstance(component, PolicyRegistry):
-        return component
-    registry = getattr(component, "registry", None)
-    if isinstance(registry, PolicyRegistry):
-        return registry
-    if component is None:
-        registry = components["policies"] = PolicyRegistry()
-        return registry
-    raise TypeError(f"ctx.components['policies'] is a {type(component).__name__}, not a PolicyRegistry")

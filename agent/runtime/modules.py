@@ -1,6 +1,6 @@
 """The module runtime: load releases, run modules (sandboxed, recorded), batch topic triggers.
 
-This is ``ctx.components["modules"]``. The interface other components use:
+The interface other components use (the composition root hands the runtime to them):
 
 - ``await runtime.run(name, trigger=None, readings=None) -> ModuleOutput`` — one run now; raises
   :class:`ModuleRunFailed` (with ``outcome`` and ``run_id``) if the module misbehaved. The failure
@@ -12,7 +12,9 @@ This is ``ctx.components["modules"]``. The interface other components use:
   the messaging pipeline (policy gate → actuation / properties / events / telemetry). ``run()``
   returns its output to the caller instead and does not call the sink.
 - ``await runtime.load_release(name, version, sha256, wasm, predicate)`` / ``await runtime.unload(name)``
-  — what the release watcher calls; ``runtime.registry`` is the :class:`ModuleRegistry` (hot swap).
+  — what the module service calls on release changes; ``runtime.registry`` is the
+  :class:`ModuleRegistry` (hot swap); ``runtime.check`` is the install-time "can this run" check the
+  release store is given.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -46,8 +49,18 @@ from agent.runtime.contract import (
 )
 from agent.runtime.registry import LoadedModule, ModuleNotLoaded, ModuleRegistry
 from agent.runtime.runner import Limits, ModuleRunner, Permissions, RawRun
-from agent.runtime.spec import ModuleSpec, ReadingsQuery, effective_limits, parse_spec, topic_matches
+from agent.runtime.spec import (
+    ModuleSpec,
+    ModuleSpecInvalid,
+    ReadingsQuery,
+    effective_limits,
+    parse_spec,
+    topic_matches,
+)
 from agent.storage import Store
+from agent.trust.errors import ModuleUnsupported
+from agent.trust.runnable import Runnable
+from agent.trust.verify import VerifiedRelease
 from agent.wasm import codecache
 from agent.wasm.engine import WasmEngine, shared_engine
 
@@ -111,6 +124,31 @@ class ModuleRuntime:
     def reconfigure(self, settings: ModuleSettings) -> None:
         """SIGHUP: new limits apply from the next run."""
         self.settings = settings
+
+    # -- the install-time check (a trust.runnable.RunnableCheck) ----------------------------------
+
+    def check(self, release: VerifiedRelease, artifact: bytes, conn: sqlite3.Connection) -> Runnable:
+        """Read the run spec and instantiate the module as a run would (same linker, same limits, the start
+        section under the deadline, ``_start`` not called); raise :class:`ModuleUnsupported` naming why it
+        cannot run here. Blocking. On a cache miss the compiled code is returned for the release store."""
+        name, version = release.name, release.version
+        try:
+            spec = parse_spec(release.predicate.raw)
+        except ModuleSpecInvalid as exc:
+            raise ModuleUnsupported(f"module {name} v{version}: the predicate does not say how to run it: "
+                                    f"{exc}") from None
+        try:
+            module, code = codecache.lookup_or_compile(conn, self.engine, release.sha256, artifact)
+        except wasmtime.WasmtimeError as exc:
+            text = str(exc).strip()
+            raise ModuleUnsupported(f"module {name} v{version} does not compile on this gateway: "
+                                    f"{text.splitlines()[0] if text else 'error'}") from None
+        deadline_s, memory, stdout = effective_limits(spec, self.settings)
+        why = self.runner.check(module, Limits(deadline_s, memory, stdout))
+        if why is not None:
+            raise ModuleUnsupported(f"module {name} v{version} cannot run on this agent ({why.outcome}): "
+                                    f"{why.error}")
+        return Runnable(code, self.engine.fingerprint)
 
     # -- loading --------------------------------------------------------------------------------
 

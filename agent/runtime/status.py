@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from agent.clock import iso
 
-if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
+if TYPE_CHECKING:
     from agent.config import AgentConfig
-    from agent.status import Report
+    from agent.storage.report import Report
 
 WINDOW_S = 86400.0
 

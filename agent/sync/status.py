@@ -15,9 +15,9 @@ from agent.clock import iso
 from agent.storage.db import table_exists
 from agent.sync.outbox import OutboxClass
 
-if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
+if TYPE_CHECKING:
     from agent.config import AgentConfig
-    from agent.status import Report
+    from agent.storage.report import Report
 
 
 def forecast(conn: sqlite3.Connection, budget: int, held: int) -> dict[str, Any]:

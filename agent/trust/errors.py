@@ -103,6 +103,13 @@ class ModuleUnsupported(ReleaseRejected):
     code = "module_unsupported"
 
 
+class KindUnsupported(ReleaseRejected):
+    """This agent was built without a runtime for the release's kind, so it cannot say the release can
+    run: nothing is stored (an install never keeps what nothing here could load)."""
+
+    code = "kind_unsupported"
+
+
 class KeysetRejected(ReleaseRejected):
     """A key-set update that is not signed by a root key, replays an old sequence, or is malformed."""
 

@@ -17,18 +17,15 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlite_utils
 
 from agent import offload
-from agent.config.modules import ModuleSettings
-from agent.config.policy import PolicySettings
 from agent.errors import AgentError
 from agent.logs import get_logger
-from agent.policy.registry_builtins import Builtins
 from agent.storage import Store
 from agent.trust.catalog import (
     _COLS,
@@ -43,17 +40,15 @@ from agent.trust.catalog import (
     list_releases,
 )
 from agent.trust.errors import ReleaseRejected, VersionNotNewer
+from agent.trust.runnable import Runnable, RunnableCheck, check_runnable
 from agent.trust.timekeeper import advance_job, trusted_now
 from agent.trust.truststore import TrustSet, load_trust_set
 from agent.trust.verify import DEFAULT_MAX_ARTIFACT_BYTES, VerifiedRelease, check_floor, verify_release
 
-if TYPE_CHECKING:
-    from agent.trust.runnable import Runnable
-
 log = get_logger("trust")
 
 __all__ = ["GENERATION_KEY", "SEEN_GENERATION_KEY", "Release", "ReleaseStore", "ReleaseStoreError", "active_release",
-           "floor_of", "floors", "generation", "get_release", "list_releases"]
+           "floor_of", "floors", "generation", "get_release", "list_releases", "seen_generation_job"]
 
 RETIRED_KEPT = 10  # retired rows (metadata only) kept per kind+name for the history in status
 
@@ -69,6 +64,12 @@ class ReleaseStoreError(AgentError):
 def _set_state(db: sqlite_utils.Database, key: str, value: str) -> None:
     db.execute("INSERT INTO trust_state (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE "
                "SET value = excluded.value, updated_at = excluded.updated_at", (key, value, time.time()))
+
+
+def seen_generation_job(gen: int) -> Callable[[sqlite_utils.Database], None]:
+    """Writer job: the daemon has acted on release generation ``gen`` (``status`` compares it with the
+    current generation to tell an install the daemon has not picked up yet)."""
+    return lambda db: _set_state(db, SEEN_GENERATION_KEY, str(gen))
 
 
 def _bump_generation(db: sqlite_utils.Database) -> int:
@@ -162,17 +163,14 @@ class ReleaseStore:
     ``a*`` variants, which move the work to the offload pool and await the writer.
     """
 
-    def __init__(self, store: Store, *, max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
-                 policy_settings: PolicySettings | None = None, module_settings: ModuleSettings | None = None,
-                 builtins: Builtins | None = None) -> None:
-        """``policy_settings`` / ``module_settings`` / ``builtins``: what the daemon runs releases with
-        (its ``[policy]`` and ``[modules]`` config, the builtins it registers; defaults otherwise), so
-        the install-time check refuses exactly what the daemon could not load."""
+    def __init__(self, store: Store, *, checkers: Mapping[str, RunnableCheck] | None = None,
+                 max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES) -> None:
+        """``checkers``: per kind, the runtime's "can this run here" check (see :mod:`agent.trust.runnable`),
+        built with the daemon's own settings so an install refuses exactly what the daemon could not load.
+        Without one for a kind, releases of that kind are refused; reading and rolling back need none."""
         self.store = store
         self.max_artifact_bytes = max_artifact_bytes
-        self.policy_settings = policy_settings or PolicySettings()
-        self.module_settings = module_settings or ModuleSettings()
-        self.builtins = builtins
+        self.checkers: Mapping[str, RunnableCheck] = dict(checkers or {})
 
     @contextmanager
     def reader(self) -> Iterator[sqlite3.Connection]:
@@ -194,14 +192,11 @@ class ReleaseStore:
 
     def _verify(self, artifact: bytes, bundle: bytes, *,
                 system_now: float | None = None) -> tuple[VerifiedRelease, Runnable]:
-        from agent.trust.runnable import check_runnable
-
         with self.reader() as conn:
             trust, fl, now = load_trust_set(conn), floors(conn), trusted_now(conn, system_now)
             try:
                 v = verify_release(artifact, bundle, trust, fl, now, max_artifact_bytes=self.max_artifact_bytes)
-                runnable = check_runnable(v, artifact, conn, policy_settings=self.policy_settings,
-                                          module_settings=self.module_settings, builtins=self.builtins)
+                runnable = check_runnable(v, artifact, conn, self.checkers)
             except ReleaseRejected as exc:
                 self._rejected(exc)
                 raise
@@ -209,7 +204,7 @@ class ReleaseStore:
 
     def _cache_job(self, v: VerifiedRelease, runnable: Runnable) -> Callable[[sqlite_utils.Database], None]:
         """Store freshly compiled code with the release (same transaction), so the daemon skips the compile."""
-        from agent.wasm import codecache
+        from agent.wasm import codecache  # loads wasmtime: `status` reaches this module and never needs it
 
         key = codecache.cache_key(self.store.path.parent, create=True) if runnable.code is not None else None
 

@@ -9,9 +9,9 @@ from agent.clock import iso
 from agent.storage.db import table_exists
 from agent.trust.catalog import SEEN_GENERATION_KEY, generation, list_releases
 
-if TYPE_CHECKING:  # agent.status imports this module: no runtime import back
+if TYPE_CHECKING:
     from agent.config import AgentConfig
-    from agent.status import Report
+    from agent.storage.report import Report
 
 
 def releases_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:

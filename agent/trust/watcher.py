@@ -5,8 +5,8 @@ every registered async listener ``on_releases_changed()`` when it moves. Also th
 trusted time: it persists the system clock as last-known-good time now and then, so a later clock
 reset to 1970 cannot expire or replay releases.
 
-Other services find it as ``ctx.components["releases"]``; ``watcher.releases`` is the
-:class:`ReleaseStore` they stage/activate/rollback through.
+The composition root registers the runtimes' services as listeners; ``watcher.releases`` is the
+:class:`ReleaseStore` everything in the daemon stages, activates and rolls back through.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Protocol
 
-from agent.daemon.context import Context
 from agent.errors import AgentError
 from agent.logs import get_logger
-from agent.trust.releases import SEEN_GENERATION_KEY, ReleaseStore, _set_state, generation
+from agent.storage import Store
+from agent.trust.releases import ReleaseStore, generation, seen_generation_job
 from agent.trust.timekeeper import advance_job
 
 log = get_logger("trust")
@@ -36,10 +37,12 @@ class ReleasesListener(Protocol):
 class ReleaseWatcher:
     name = "releases"
 
-    def __init__(self, ctx: Context, poll_s: float = POLL_INTERVAL_S) -> None:
-        self.ctx = ctx
-        self.releases = ReleaseStore(ctx.store, policy_settings=ctx.config.policy,
-                                     module_settings=ctx.config.modules)
+    def __init__(self, releases: ReleaseStore, *, on_status: Callable[[str], None] | None = None,
+                 poll_s: float = POLL_INTERVAL_S) -> None:
+        """``on_status`` gets a short "what it is doing" phrase (the daemon's STATUS= line)."""
+        self.releases = releases
+        self.store: Store = releases.store
+        self.on_status = on_status
         self.poll_s = poll_s
         self.generation = -1
         self._listeners: list[ReleasesListener] = []
@@ -60,7 +63,7 @@ class ReleaseWatcher:
 
     def _read_generation(self) -> int:
         if self._conn is None:
-            self._conn = self.ctx.store.reader()
+            self._conn = self.store.reader()
         return generation(self._conn)
 
     async def run(self) -> None:
@@ -82,7 +85,7 @@ class ReleaseWatcher:
                     # persist of a run has measured nothing (one bounded step, see timekeeper)
                     elapsed = None if last_time_persist == float("-inf") else time.monotonic() - last_time_persist
                     last_time_persist = time.monotonic()
-                    await self.ctx.store.writer.run(advance_job(elapsed_s=elapsed))
+                    await self.store.writer.run(advance_job(elapsed_s=elapsed))
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), self.poll_s)
@@ -100,5 +103,6 @@ class ReleaseWatcher:
             except Exception as exc:  # one broken listener must not stop the others or the watcher
                 log.error("releases_listener_failed", listener=type(listener).__name__, error=str(exc),
                           error_type=type(exc).__name__)
-        self.ctx.set_status("releases", f"generation {gen}")
-        await self.ctx.store.writer.run(lambda db: _set_state(db, SEEN_GENERATION_KEY, str(gen)))
+        if self.on_status is not None:
+            self.on_status(f"generation {gen}")
+        await self.store.writer.run(seen_generation_job(gen))

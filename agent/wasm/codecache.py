@@ -100,6 +100,22 @@ def lookup(conn: sqlite3.Connection, engine: WasmEngine, sha256: str) -> wasmtim
         return None
 
 
+def lookup_or_compile(conn: sqlite3.Connection, engine: WasmEngine, sha256: str,
+                      wasm: bytes) -> tuple[wasmtime.Module, bytes | None]:
+    """The module for artifact ``sha256``: from the cache when it holds it (then ``None`` as the second
+    value), else compiled here, with its serialized code for the caller to store in its own transaction
+    (the release store writes it together with the release, so a refused release leaves no row behind).
+
+    Blocking (a compile takes ~100 ms for an OPA policy); raises ``wasmtime.WasmtimeError`` when ``wasm``
+    does not compile on this engine.
+    """
+    cached = lookup(conn, engine, sha256)
+    if cached is not None:
+        return cached, None
+    module = engine.compile(wasm)
+    return module, engine.serialize(module)
+
+
 def store_job(key: bytes, sha256: str, fingerprint: str, code: bytes) -> Callable[[sqlite_utils.Database], None]:
     def job(db: sqlite_utils.Database) -> None:
         db.execute("INSERT INTO code_cache (sha256, fingerprint, code, mac, created_at) VALUES (?, ?, ?, ?, ?) "

@@ -93,6 +93,25 @@ class WasmEngine:
         return store
 
 
+_validator: wasmtime.Engine | None = None
+
+
+def validation_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a valid WebAssembly binary (wasmtime's first line), or None if it is.
+
+    A plain engine of its own: validation does not depend on the epoch or optimisation settings, and
+    checking a release (``edge-agent install``) must not start the shared engine's ticker thread."""
+    global _validator
+    if _validator is None:
+        _validator = wasmtime.Engine()
+    try:
+        wasmtime.Module.validate(_validator, data)
+    except wasmtime.WasmtimeError as exc:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else "invalid"
+    return None
+
+
 _shared: WasmEngine | None = None
 _lock = threading.Lock()
 

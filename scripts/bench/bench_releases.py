@@ -25,9 +25,9 @@ from pathlib import Path
 
 import wasmtime
 
+from agent.daemon.releases import release_store
 from agent.storage import Store
 from agent.trust.keys import KeyType, generate
-from agent.trust.releases import ReleaseStore
 from agent.trust.signer import sign_release
 from agent.trust.truststore import TrustedKey, TrustSet, add_key
 from agent.trust.verify import verify_release
@@ -131,7 +131,7 @@ def main() -> int:
             store.writer.run_sync(add_key(TrustedKey(public=key.public)))
             # installed as a module: it is policy-*sized* code, not OPA output, and install now checks that
             # the runtime can run what it stores (a WASI command with _start); the cache is kind-agnostic
-            rel = ReleaseStore(store).install(wasm, sign_release(key, wasm, "module", "bench-policy", 1))
+            rel = release_store(store).install(wasm, sign_release(key, wasm, "module", "bench-policy", 1))
             engine = WasmEngine()
             compile_ms = timed(lambda: engine.compile(wasm), 5)
             codecache.load_module(store, engine, rel.sha256, lambda: wasm)  # cached by install already
@@ -149,7 +149,7 @@ def main() -> int:
             inst_ms = timed(lambda: wasmtime.Instance(engine.new_store(), module, []), 30)
             fresh_ms = [fresh_process_load(store.path, rel.sha256) for _ in range(5)]
             # the gateway-side verify (signature … + "can this agent run it?"): compiled code cached vs not
-            rs = ReleaseStore(store)
+            rs = release_store(store)
             other = sign_release(key, wasm, "module", "bench-other", 1)
             check_hit_ms = timed(lambda: rs.verify(wasm, other), 10)
             fresh = [wasm + bytes([0, 5, 3]) + b"p" + i.to_bytes(3, "big") for i in range(3)]  # new sha each

@@ -1,4 +1,5 @@
-"""The status report a field technician reads: built from SQLite alone, read-only, never waiting.
+"""The status report a field technician reads (``edge-agent status``): built from SQLite alone, read-only,
+never waiting.
 
 Works when the daemon is running, stopped or killed: liveness comes from the state-dir lock (held
 by a live daemon, released by the kernel when it dies) and the heartbeat row, never from asking
@@ -11,36 +12,23 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from agent import __version__
 from agent.clock import iso
 from agent.config import AgentConfig
 from agent.control.status import pipeline_section
-from agent.daemon.lock import daemon_holds_lock, lock_pid
 from agent.errors import StorageError
 from agent.fleet.status import fleet_section
 from agent.runtime.status import modules_section
 from agent.storage.db import connect_reader, table_exists
+from agent.storage.lock import daemon_holds_lock, lock_pid
 from agent.storage.migrations import applied_versions
+from agent.storage.report import Report, Section
 from agent.sync.status import kubeedge_section, outbox_section
 from agent.trust.status import releases_section
 
 SCHEMA = "edge-agent.status/v1"
-
-
-@dataclass
-class Report:
-    data: dict[str, Any] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)  # the agent is not doing its job: unhealthy
-    # worth a look, but the agent is doing its job (e.g. a fleet rollback it already handled, a cloud-side
-    # misconfiguration, a forecast): a status that cries wolf teaches technicians to ignore it
-    warnings: list[str] = field(default_factory=list)
-
-
-Section = Callable[[sqlite3.Connection, AgentConfig, Report], None]
 
 
 def daemon_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:

@@ -2,8 +2,9 @@
 
 Why our own reader: a bundle arrives from the network, so nothing in it is ever extracted to disk.
 Members are read into memory only after their names and sizes pass the checks below, and the
-result is a plain :class:`Bundle` (wasm bytes, merged data, manifest). The trust component calls
-:func:`read_bundle` to validate a policy artifact before it is stored.
+result is a plain :class:`Bundle` (wasm bytes, merged data, manifest). It sits in the Wasm layer, under
+both of its users: release verification (``agent.trust``) checks a policy artifact with it before it
+is stored, and the policy engine loads the ``policy.wasm`` and data it holds.
 
 Checks: regular files only (no links, devices, FIFOs); no ``..`` segment, no empty name; the
 leading ``/`` that OPA writes is stripped; per-member and total uncompressed size caps; at most
