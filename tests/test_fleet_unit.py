@@ -14,10 +14,11 @@ from agent.config.fleet import FleetSettings
 from agent.errors import ConfigError
 from agent.fleet.envelope import EnvelopeError, decode, encode
 from agent.fleet.health import HealthRules, HealthSample, judge, quantile_us
-from agent.fleet.link import LinkConfig, backoff_delay
+from agent.fleet.link import LinkConfig
 from agent.fleet.reporter import ReleaseStatus
 from agent.fleet.rollout import Rollout, table
 from agent.fleet.topics import Scope, TopicError, Topics, addresses
+from agent.messaging.backoff import Backoff
 
 T = Topics()
 
@@ -80,11 +81,11 @@ def test_backoff_is_capped_exponential_with_full_jitter() -> None:
     rng = random.Random(7)
     for attempt in range(12):
         ceiling = min(60.0, 0.5 * 2 ** attempt)
-        samples = [backoff_delay(attempt, 0.5, 60.0, rng) for _ in range(300)]
+        samples = [Backoff(0.5, 60.0, jitter="full", rng=rng).delay(attempt) for _ in range(300)]
         assert all(0.0 <= s <= ceiling for s in samples)
         # full jitter: spread over the whole range, not bunched at the ceiling (no lockstep)
         assert min(samples) < 0.2 * ceiling and max(samples) > 0.8 * ceiling
-    assert backoff_delay(10_000, 0.5, 60.0, rng) <= 60.0
+    assert Backoff(0.5, 60.0, jitter="full", rng=rng).delay(10_000) <= 60.0
 
 
 def test_link_config_parses_urls_and_never_shows_the_password() -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from agent.clock import now
 from agent.config.model import LocalBrokerSettings
-from agent.messaging.bus import BusMessage, BusUnavailable, LocalBus, backoff_delays
+from agent.messaging.backoff import Backoff
+from agent.messaging.bus import BusMessage, BusUnavailable, LocalBus
 from agent.messaging.connection import open_connection
 from agent.messaging.readings import MalformedReading, parse
 from agent.messaging.wire import Publish
@@ -58,11 +59,26 @@ def test_connection_redelivers_unacked_and_forgets_acked(broker: Broker) -> None
 
 
 def test_backoff_is_capped_jittered_and_growing() -> None:
-    gen = backoff_delays(0.5, 8.0, random.Random(1))
-    delays = [next(gen) for _ in range(10)]
+    backoff = Backoff(0.5, 8.0, rng=random.Random(1))
+    delays = [backoff.next() for _ in range(10)]
     assert all(0.25 <= d <= 8.0 for d in delays)
     assert delays[0] <= 0.5 and delays[-1] >= 4.0
     assert len(set(delays)) == len(delays)
+    # equal jitter: never below half the current ceiling
+    assert all(d >= backoff.ceiling(i) / 2 for i, d in enumerate(delays))
+
+
+def test_backoff_starts_again_after_a_connection_that_held() -> None:
+    backoff = Backoff(1.0, 30.0, rng=random.Random(2))
+    for _ in range(8):
+        backoff.next()
+    assert backoff.ceiling(backoff.attempt) == 30.0
+    backoff.reset(to=1)  # a connection that failed soon after connecting: the second delay again
+    assert backoff.attempt == 1 and backoff.next() <= 2.0
+    backoff.reset()
+    assert backoff.next() <= 1.0
+    backoff.reset(to=5)  # never moves forward
+    assert backoff.attempt == 1
 
 
 @pytest.mark.parametrize(("topic", "payload", "expected"), [

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from agent.messaging import topics
 from agent.runtime.contract import ModuleOutput, ModuleOutputInvalid, build_input, make_trigger, parse_output
 from agent.runtime.modules import ModuleRunFailed
 from agent.runtime.registry import ModuleNotLoaded
-from agent.runtime.spec import ModuleSpecInvalid, parse_spec, topic_matches
+from agent.runtime.spec import ModuleSpecInvalid, parse_spec
 from agent.storage import Store
 from agent_devkit.examples import example, test_module
 from tests.modules.support import load, make_runtime, rows, sha
@@ -293,12 +294,35 @@ def test_spec_reads_every_documented_field() -> None:
     assert spec.filesystem and spec.env == (("K", "v"),)
 
 
-def test_topic_matching() -> None:
-    assert topic_matches("factory/+/+/temp", "factory/l1/oven/temp")
-    assert not topic_matches("factory/+/+/temp", "factory/l1/oven/rpm")
-    assert topic_matches("factory/#", "factory")
-    assert topic_matches("factory/#", "factory/a/b/c")
-    assert not topic_matches("factory/+", "factory/a/b")
+def test_module_triggers_match_topics_as_the_bus_does() -> None:
+    """One matcher: a trigger filter means what the same subscription means on the broker, including
+    MQTT's rule that a wildcard at the first level never matches a '$' topic (the runtime's own matcher
+    used to let '#' and '+/…' triggers take '$SYS/…' readings)."""
+    assert topics.matches("factory/+/+/temp", "factory/l1/oven/temp")
+    assert not topics.matches("factory/+/+/temp", "factory/l1/oven/rpm")
+    assert topics.matches("factory/#", "factory")
+    assert topics.matches("factory/#", "factory/a/b/c")
+    assert not topics.matches("factory/+", "factory/a/b")
+    assert not topics.matches("#", "$SYS/broker/load")
+    assert not topics.matches("+/broker/load", "$SYS/broker/load")
+
+
+def test_a_catch_all_trigger_does_not_take_dollar_topics(tmp_path: Path) -> None:
+    """A module triggered by '#' gets every reading, except those of '$' topics (broker internals)."""
+    async def go() -> tuple[int, int]:
+        store, rt = make_runtime(tmp_path)
+        try:
+            await load(rt, "all", test_module("garbage"), {"kind": "module", "name": "all", "version": 1,
+                                                           "trigger": {"type": "topic", "topics": ["#"]}})
+            row = {"device": "d", "metric": "m", "value": 1, "wall": 1.0}
+            dollar = rt.offer([{**row, "topic": "$SYS/broker/load"}])
+            plain = rt.offer([{**row, "topic": "factory/l1/s1/m"}])
+            await rt.close()
+            return dollar, plain
+        finally:
+            store.close()
+
+    assert asyncio.run(go()) == (0, 1)
 
 
 def parse(doc: Any, **kw: Any) -> ModuleOutput:

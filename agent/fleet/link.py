@@ -31,6 +31,7 @@ import aiomqtt
 
 from agent.errors import AgentError, ConfigError
 from agent.logs import get_logger
+from agent.messaging.backoff import Backoff
 
 log = get_logger("fleet")
 
@@ -101,12 +102,6 @@ def client_kwargs(cfg: LinkConfig, *, will: aiomqtt.Will | None = None,
     return kwargs
 
 
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    ceiling = min(cap, base * (2 ** min(attempt, 30)))
-    return (rng or random).uniform(0.0, ceiling)
-
-
 class FleetLink:
     """Keeps one fleet connection alive; hands every incoming message to ``on_message``."""
 
@@ -171,7 +166,7 @@ class FleetLink:
 
     async def run(self) -> None:
         """Connect, serve, reconnect — until cancelled."""
-        attempt = 0
+        backoff = Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, jitter="full", rng=self._rng)
         will = None
         if self.presence_topic:
             will = aiomqtt.Will(self.presence_topic, b"offline", qos=1, retain=True)
@@ -204,12 +199,11 @@ class FleetLink:
                 self._client = None
                 self.connected.clear()
                 if connected_at is not None and time.monotonic() - connected_at > self.cfg.reconnect_max_s:
-                    attempt = 0  # a connection that lasted resets the backoff
+                    backoff.reset()  # a connection that lasted starts again from the first delay
                 elif connected_at is not None:
-                    attempt = min(attempt, 1)
-                delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
-                attempt += 1
-                log.warning("fleet_link_down", error=str(exc), retry_in_s=round(delay, 2), attempt=attempt)
+                    backoff.reset(to=1)
+                delay = backoff.next()
+                log.warning("fleet_link_down", error=str(exc), retry_in_s=round(delay, 2), attempt=backoff.attempt)
                 await self._set_state("down", str(exc)[:200])
                 await asyncio.sleep(delay)
             finally:

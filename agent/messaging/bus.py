@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from agent.config import AgentConfig, LocalBrokerSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.messaging import topics
+from agent.messaging.backoff import Backoff
 from agent.messaging.connection import MqttConnection, MqttError, open_connection
 from agent.messaging.wire import Publish
 
@@ -86,15 +86,6 @@ class _Route:
     handler: Handler
     manual_ack: bool
     qos: int
-
-
-def backoff_delays(first: float, cap: float, rng: random.Random | None = None) -> Any:
-    """Capped exponential backoff with "equal jitter": each delay in [d/2, d], d doubling up to ``cap``."""
-    r = rng or random.Random()
-    d = first
-    while True:
-        yield d / 2 + r.random() * d / 2
-        d = min(cap, d * 2)
 
 
 class LocalBus:
@@ -212,7 +203,7 @@ class LocalBus:
 
     async def run(self) -> None:
         s = self.settings
-        delays = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
+        backoff = Backoff(s.reconnect_min_s, s.reconnect_max_s)
         while True:
             started = time.monotonic()
             try:
@@ -225,10 +216,10 @@ class LocalBus:
             if time.monotonic() - started >= STABLE_SESSION_S:
                 # only a session that held for a while resets the backoff: a store that keeps failing
                 # (disk full) or a broker that drops us at once must not make us reconnect in a tight loop
-                delays = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
+                backoff.reset()
             self._reconnect_reason = None
             await self._link("down", detail)
-            delay = next(delays)
+            delay = backoff.next()
             self._failures = 0 if self.connects > self._connects_seen else self._failures + 1
             self._connects_seen = self.connects
             now_m = time.monotonic()

@@ -36,6 +36,7 @@ from agent import clock
 from agent.config.modules import ModuleSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
+from agent.messaging import topics
 from agent.offload import run_blocking
 from agent.runtime import runner as R
 from agent.runtime.contract import (
@@ -55,7 +56,6 @@ from agent.runtime.spec import (
     ReadingsQuery,
     effective_limits,
     parse_spec,
-    topic_matches,
 )
 from agent.storage import Store
 from agent.trust.errors import ModuleUnsupported
@@ -326,7 +326,7 @@ class ModuleRuntime:
                                "ORDER BY id DESC LIMIT ?", (time.time() - query.window_s, query.max * 20))
             out: list[Reading] = []
             for topic, device, metric, value, wall in cur:
-                if any(topic_matches(f, topic) for f in query.topics):
+                if any(topics.matches(f, topic) for f in query.topics):
                     out.append(Reading(device=device, metric=metric, value=value, wall=wall, topic=topic))
                     if len(out) >= query.max:
                         break
@@ -397,7 +397,7 @@ class ModuleRuntime:
         names = self._topic_cache.get(topic)
         if names is None:
             names = tuple(m.name for m in self.registry.all()
-                          if m.spec.topics and any(topic_matches(f, topic) for f in m.spec.topics))
+                          if m.spec.topics and any(topics.matches(f, topic) for f in m.spec.topics))
             if len(self._topic_cache) >= TOPIC_CACHE_MAX:
                 self._topic_cache.clear()
             self._topic_cache[topic] = names

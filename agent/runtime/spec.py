@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config.modules import ModuleSettings
+from agent.messaging.topics import valid_filter
 from agent.runtime.contract import ModuleError
 
 TRIGGER_TYPES = ("schedule", "topic", "mixed", "manual")
@@ -69,33 +70,6 @@ class ModuleSpec:
     stdout_bytes: int | None = None
     filesystem: bool = False
     env: tuple[tuple[str, str], ...] = ()
-
-
-def valid_filter(flt: str) -> bool:
-    """An MQTT topic filter: '#' only last and alone in its level, '+' alone in its level."""
-    if not flt or len(flt) > 1024 or "\0" in flt:
-        return False
-    levels = flt.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level and (level != "#" or i != len(levels) - 1):
-            return False
-        if "+" in level and level != "+":
-            return False
-    return True
-
-
-def topic_matches(flt: str, topic: str) -> bool:
-    """MQTT filter matching (``+`` one level, ``#`` the rest, including the parent level)."""
-    f = flt.split("/")
-    t = topic.split("/")
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t):
-            return False
-        if level not in ("+", t[i]):
-            return False
-    return len(f) == len(t)
 
 
 def _topics(value: Any, where: str) -> tuple[str, ...]:

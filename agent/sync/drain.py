@@ -35,6 +35,7 @@ from agent.clock import Stamp
 from agent.config.sync import OutboxSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
+from agent.messaging.backoff import Backoff
 from agent.offload import run_blocking
 from agent.storage import Store
 from agent.storage.db import connect_reader
@@ -221,13 +222,15 @@ class Drainer:
             tls_context=ssl.create_default_context() if self.tls else None)
 
     async def run(self) -> None:
-        backoff = 1.0
+        backoff = Backoff(1.0, self.settings.reconnect_max_s, rng=self.rng)
         try:
             while True:
+                delay = backoff.next()
                 try:
                     async with self._client() as client:
                         self.connects += 1
-                        backoff = 1.0
+                        backoff.reset()
+                        delay = backoff.next()
                         await self.store.set_link("uplink", "up", f"{self.host}:{self.port}")
                         jitter = self.rng.uniform(0, self.settings.jitter_max_s)
                         log.info("uplink_connected", host=self.host, port=self.port, jitter_s=round(jitter, 2))
@@ -236,10 +239,9 @@ class Drainer:
                 except aiomqtt.MqttError as exc:
                     self.idle.clear()
                     log.warning("uplink_down", host=self.host, port=self.port, error=str(exc),
-                                retry_in_s=round(backoff, 1))
+                                retry_in_s=round(delay, 1))
                     await self.store.set_link("uplink", "down", f"{self.host}:{self.port}: {exc}")
-                await asyncio.sleep(backoff * self.rng.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, self.settings.reconnect_max_s)
+                await asyncio.sleep(delay)
         finally:
             self.reader.close()
 

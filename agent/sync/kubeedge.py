@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import sqlite3
 import threading
 import time
@@ -23,6 +22,7 @@ import aiomqtt
 
 from agent.config.sync import KubeEdgeSettings
 from agent.logs import get_logger
+from agent.messaging.backoff import Backoff
 from agent.offload import run_blocking
 from agent.storage import Store
 from agent.storage.db import connect_reader
@@ -77,6 +77,7 @@ class TwinSync:
         self.last_full_sync: float | None = None
         self.in_sync = asyncio.Event()
         self._client: aiomqtt.Client | None = None
+        self._backoff = Backoff(1.0, settings.reconnect_max_s)
         self._conn: sqlite3.Connection | None = None
         self._conn_lock = threading.Lock()
         self._bucket = TokenBucket(settings.max_messages_s)
@@ -133,8 +134,7 @@ class TwinSync:
     # ------------------------------------------------------------ the connection
 
     async def run(self) -> None:
-        backoff = 1.0
-        rng = random.Random()
+        backoff = self._backoff
         try:
             while True:
                 try:
@@ -146,8 +146,7 @@ class TwinSync:
                 self._client = None
                 self.in_sync.clear()
                 await self._save_snapshot()
-                await asyncio.sleep(backoff * rng.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, self.settings.reconnect_max_s)
+                await asyncio.sleep(backoff.next())
         finally:
             self.connected = False
             with contextlib.suppress(Exception):  # the last word for `status` (the daemon is stopping)
@@ -172,6 +171,7 @@ class TwinSync:
             await client.subscribe([(s, 1) for s in subs])
             self._client = client
             self.connected = True
+            self._backoff.reset()  # connected: the next loss starts again from the first delay
             # a reconnect is a full resync: EdgeCore may have lost everything meanwhile
             for sync in self.devices.values():
                 sync.acked.clear()
