@@ -191,7 +191,9 @@ class FleetWorld:
 def fleet_world(tmp: Path) -> Any:
     pki = TestPKI(tmp / "pki")
     port = free_port()
-    broker = Broker(tmp / "mosquitto", port=port, extra_conf=fleet_broker_conf(port, pki))
+    # its own directory: a test that also runs a local broker (tests' `broker` fixture: tmp/mosquitto)
+    # must not have two Mosquittos replacing each other's persistence file (one of them then exits)
+    broker = Broker(tmp / "fleet-mosquitto", port=port, extra_conf=fleet_broker_conf(port, pki))
     broker.start()
     try:
         yield FleetWorld(tmp, pki, broker, Signer.create(), f"mqtts://127.0.0.1:{port}")
