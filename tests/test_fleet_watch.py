@@ -5,8 +5,10 @@ release — real SQLite files, really-signed releases, real OPA-ABI policies, re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,17 @@ from agent.storage.db import connect_writer
 from agent.storage.migrations import COMPONENTS, applied_versions, migrate
 from agent.storage.schema import fleet as fleet_schema
 from agent.trust.releases import Release
-from agent_devkit.fleet import NAME, FleetWorld, async_test, custom_section, fleet_world, manager, sandbox_wasm
-from agent_devkit.releases import Signer
+from agent_devkit.fleet import (
+    NAME,
+    FleetWorld,
+    async_test,
+    custom_section,
+    fleet_world,
+    manager,
+    running,
+    sandbox_wasm,
+)
+from agent_devkit.releases import Signer, wasm_module
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -278,3 +289,57 @@ def all_watches_of(state_dir: Path) -> list[watches.Watch]:
         return all_watches(conn)
     finally:
         conn.close()
+
+
+# ------------------------------------------------------------------------- an unreadable database
+
+@contextlib.contextmanager
+def database_gone(state: Path) -> Iterator[None]:
+    """The state database vanishes from its directory (a failing disk, an operator's mistake): every new
+    reader fails, while the open writer keeps its file. It comes back on exit."""
+    db, away = state / "agent.db", state / "agent.db.away"
+    db.rename(away)
+    try:
+        yield
+    finally:
+        away.rename(db)
+
+
+@async_test
+async def test_a_health_window_whose_numbers_cannot_be_read_is_never_closed_healthy(world: FleetWorld) -> None:
+    """A health sample read from a database that fails is not an empty sample: the window keeps watching
+    past its end until the numbers can be read again, and only then is the release judged."""
+    gw = world.gateway("gw-dbfail", modules=True, health_window_s=0.5)
+    blob = wasm_module()
+    async with manager(world) as mgr, running(gw):
+        await mgr.push("all", blob, world.signer.sign(blob, "module", "m", 1), "module", "m", 1)
+        await mgr.wait_state("gw-dbfail", 1, "active", kind="module", name="m")
+        with database_gone(gw.state_dir):
+            await asyncio.sleep(2.0)  # four times the window
+            assert gw.agent.swap.counters.healthy == 0
+            assert not [s for t, s in mgr.history if s.get("state") == "rolled_back"]
+        await mgr.wait_for(lambda: gw.agent.swap.counters.healthy == 1, 30)
+    rows = all_watches_of(gw.state_dir)
+    assert [(w.kind, w.version, w.state) for w in rows] == [("module", 1, "healthy")]
+
+
+@async_test
+async def test_the_fleet_side_does_not_start_on_a_memory_it_cannot_read(world: FleetWorld) -> None:
+    """What the gateway settled (and the statuses to re-publish) is read before the link starts; while the
+    database cannot be read the link waits, rather than starting with an empty memory that would
+    re-install every retained release as new."""
+    gw = world.gateway("gw-nomem")
+    with database_gone(gw.state_dir):
+        task = asyncio.create_task(gw.agent.run())
+        try:
+            await asyncio.sleep(1.5)
+            assert not gw.agent.link.connected.is_set() and not task.done()
+        except BaseException:
+            task.cancel()
+            raise
+    try:
+        await asyncio.wait_for(gw.agent.link.connected.wait(), 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        gw.store.close()

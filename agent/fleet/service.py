@@ -16,29 +16,33 @@ import contextlib
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.config.fleet import FleetSettings
-from agent.errors import AgentError
+from agent.errors import AgentError, StorageError
 from agent.fleet.health import HealthRules
 from agent.fleet.link import FleetLink, LinkConfig
 from agent.fleet.receiver import ReleaseReceiver
 from agent.fleet.registry import PullSettings, RegistryPuller, StoreLedger, parse_doorbell
 from agent.fleet.reporter import StatusReporter
+from agent.fleet.slots import ModuleSlot, PolicySlot, Slot
 from agent.fleet.swap import SwapOrchestrator
 from agent.fleet.topics import Topics, gateway_scopes
 from agent.fleet.watches import Watch, check_at_start
 from agent.logs import get_logger
+from agent.messaging.backoff import Backoff
 from agent.oci.client import RegistryClient, RegistryConfig
 from agent.offload import run_blocking
 from agent.policy.runtime import PolicyRuntime
 from agent.runtime.modules import ModuleRuntime
-from agent.storage.db import connect_reader
+from agent.storage.db import connect_reader, table_exists
 from agent.trust.releases import ReleaseStore
 
 log = get_logger("fleet")
 
 # after a (re)connect, installs wait this long so the burst of retained + queued releases coalesces
 CONNECT_SETTLE_S = 0.3
+MEMORY_RETRY_MAX_S = 30.0
 # rejections worth retrying after a restart (the trust store or the clock may have been fixed)
 _PERMANENT = ("active", "rolled_back", "superseded")
 
@@ -68,16 +72,19 @@ def health_rules(settings: FleetSettings) -> HealthRules:
 
 
 def load_memory(db_path: Path) -> tuple[set[tuple[str, str, int, str]], list[tuple[str, str, str]]]:
-    """(deliveries already settled, stored statuses to re-publish) from the fleet tables."""
-    conn = connect_reader(db_path)
+    """(deliveries already settled, stored statuses to re-publish) from the fleet tables.
+
+    A schema without the fleet tables has nothing to remember; a database that cannot be read raises:
+    an empty memory would re-install every retained release as if it were new."""
+    conn = connect_reader(db_path, stale_ok=False)
     try:
+        if not (table_exists(conn, "fleet_releases") and table_exists(conn, "fleet_status")):
+            return set(), []
         marks = ",".join("?" * len(_PERMANENT))
         seen = {(str(k), str(n), int(v), str(s)) for k, n, v, s in conn.execute(
             f"SELECT kind, name, version, sha256 FROM fleet_releases WHERE state IN ({marks})", _PERMANENT)}
         statuses = [(str(k), str(n), str(p)) for k, n, p in
                     conn.execute("SELECT kind, name, payload FROM fleet_status ORDER BY kind, name")]
-    except sqlite3.OperationalError:
-        return set(), []
     finally:
         conn.close()
     return seen, statuses
@@ -99,9 +106,13 @@ class FleetAgent:
         self.topics = Topics(settings.topic_prefix)
         self.releases = releases
         self.reporter = StatusReporter(node_id, self.topics, releases.store.writer)
-        self.swap = SwapOrchestrator(node_id=node_id, releases=releases, policies=policies, reporter=self.reporter,
-                                     rules=health_rules(settings), shadow_inputs=settings.shadow_inputs,
-                                     modules=modules)
+        rules = health_rules(settings)
+        slots: dict[str, Slot[Any]] = {"policy": PolicySlot(policies, releases, shadow_inputs=settings.shadow_inputs,
+                                                            min_evals=rules.min_evals)}
+        if modules is not None:
+            slots["module"] = ModuleSlot(modules, releases)
+        self.swap = SwapOrchestrator(node_id=node_id, releases=releases, slots=slots, reporter=self.reporter,
+                                     rules=rules)
         self.receiver = ReleaseReceiver(node_id=node_id, site=settings.site, groups=tuple(settings.groups),
                                         topics=self.topics, max_bytes=settings.max_release_bytes,
                                         handler=self.swap, reporter=self.reporter)
@@ -173,10 +184,24 @@ class FleetAgent:
             self.on_status("connected" if state == "up" else "broker offline")
         await self.releases.store.set_link("fleet", state, detail)
 
+    async def _memory(self) -> tuple[set[tuple[str, str, int, str]], list[tuple[str, str, str]]]:
+        """What the fleet side remembers, read before the link starts. While the database cannot be read
+        the link does not start: retrying is right, forgetting (and re-installing everything) is not."""
+        backoff = Backoff(1.0, MEMORY_RETRY_MAX_S)
+        while True:
+            try:
+                return await run_blocking(load_memory, self.releases.store.path)
+            except (StorageError, sqlite3.Error) as exc:
+                delay = backoff.next()
+                log.error("fleet_memory_unreadable", error=str(exc), retry_in_s=round(delay, 1))
+                if self.on_status is not None:
+                    self.on_status("waiting: the state database cannot be read")
+                await asyncio.sleep(delay)
+
     async def run(self) -> None:
         if self.resumable is None:
             await run_blocking(self.check_watches)
-        seen, statuses = await run_blocking(load_memory, self.releases.store.path)
+        seen, statuses = await self._memory()
         self.receiver.seen.update(seen)
         await self.reporter.republish(statuses)
         log.info("fleet_started", node_id=self.node_id, url=self.settings.url, registry=self.settings.registry or None,

@@ -1,93 +1,54 @@
-"""The swap orchestrator: verify → compile → shadow-evaluate → switch → watch → (roll back).
+"""The swap orchestrator: verify → prepare → shadow → switch → watch → (roll back), for every kind.
 
-One release at a time per kind/name (the receiver guarantees it). For a policy:
+One release at a time per kind/name (the receiver guarantees it). The steps are the same for a
+policy and a module; what differs is the kind's :class:`~agent.fleet.slots.Slot`:
 
 1. **verify + stage** through :class:`agent.trust.releases.ReleaseStore` — the very same checks as
-   ``edge-agent install`` (signature, key scope, digest, floor, validity, content); a rejection is
-   reported with the trust rule's code and changes nothing;
-2. **compile** off the event loop, once: staging compiles it (to refuse what this agent cannot load)
-   into the code cache, and the swap deserializes that (~1 ms) instead of compiling again;
-3. **shadow-evaluate** the new policy on the last N recorded decision inputs and count how many
-   results differ from what was decided then (``{evaluated, changed, errors}``);
-4. **switch**: activate in SQLite (the floor rises), then one reference swap in the
-   :class:`PolicyRegistry` — evaluations in flight finish on the old object, new ones use the new;
-   nothing waits on a lock held across a compile;
-5. **watch** the health window (traps, failed evaluations incl. deadline hits, p99 latency vs the
-   replaced version) and **roll back by itself** when a threshold is crossed: the store
-   re-activates ``previous`` (the floor is not lowered) and the registry gets the old object back.
+   ``edge-agent install`` (signature, key scope, digest, floor, validity, content, and the runtime's
+   "can this run here"); a rejection is reported with the rule's code and changes nothing;
+2. **prepare** off the event loop, once: staging compiled it into the code cache, so this is a
+   deserialize and instantiate, not a second compile;
+3. **shadow**: a policy is evaluated on the last N recorded decision inputs, counting the results that
+   differ from what was decided then (``{evaluated, changed, errors}``); a module has no replayable
+   inputs;
+4. **switch**: activate in SQLite (the floor rises), then the slot makes it serve — one reference
+   swap for a policy (evaluations in flight finish on the old object), between runs for a module;
+5. **watch** the health window (traps, failed evaluations or runs incl. deadline hits, a policy's p99
+   latency vs the replaced version) and **roll back by itself** when a threshold is crossed: the store
+   re-activates ``previous`` (the floor is not lowered) and the slot serves it again.
 
 The window is persisted (:mod:`agent.fleet.watches`): opened before the activation, closed with the
 outcome. A window still open when the agent stopped or crashed is resumed by :meth:`resume` after the
 restart (a full window again, with the same rules; the replaced version's latency is gone with the
 old process, so the latency rule sits that one out), unless the restarts themselves were too many —
-then it was already rolled back at start (``crash_loop``).
-
-Modules go the same way, except the switch happens *between* runs (``ModuleRegistry.swap`` waits
-for the run in flight) and there is no shadow evaluation (a module's effects are not replayable).
+then it was already rolled back at start (``crash_loop``). A window whose numbers cannot be read
+(a failing database) is never closed as healthy: it keeps watching until they can be.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import wasmtime
-
-from agent.errors import AgentError
+from agent.errors import AgentError, StorageError
 from agent.fleet import watches
-from agent.fleet.health import HealthRules, HealthSample, judge, quantile_us
+from agent.fleet.health import HealthRules, HealthSample, judge
 from agent.fleet.receiver import Delivery
 from agent.fleet.reporter import ReleaseStatus, StatusReporter
+from agent.fleet.slots import Slot, Window
 from agent.fleet.watches import Watch
 from agent.logs import get_logger
 from agent.offload import run_blocking
-from agent.policy.engine import LATENCY_BUCKETS_US, Policy
-from agent.policy.runtime import PolicyRuntime
-from agent.runtime.modules import ModuleRuntime
-from agent.storage.db import connect_reader
 from agent.trust.errors import ReleaseRejected
 from agent.trust.releases import Release, ReleaseStore, ReleaseStoreError
 
 log = get_logger("fleet")
 
-HEALTH_POLL_S = 0.05
-
-# module run outcomes that are the guest's fault in a way a rollback fixes (not e.g. "ok")
-_MODULE_TRAPS = ("trap", "memory", "deadline", "timeout", "exit")
-
-
-def _last_run_id(db_path: Path) -> int:
-    conn = connect_reader(db_path)
-    try:
-        row = conn.execute("SELECT max(id) FROM module_runs").fetchone()
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        conn.close()
-    return int(row[0] or 0)
-
-
-def _module_window(db_path: Path, name: str, version: int, after_id: int) -> HealthSample:
-    """Runs of name@version since activation, as a health sample (failed runs = errors)."""
-    conn = connect_reader(db_path)
-    try:
-        rows = conn.execute("SELECT outcome, count(*) FROM module_runs WHERE name = ? AND version = ? AND id > ? "
-                            "GROUP BY outcome", (name, version, after_id)).fetchall()
-    except sqlite3.OperationalError:
-        return HealthSample()
-    finally:
-        conn.close()
-    ok = sum(int(n) for o, n in rows if o == "ok")
-    failed = sum(int(n) for o, n in rows if o != "ok")
-    traps = sum(int(n) for o, n in rows if o != "ok" and any(t in str(o) for t in _MODULE_TRAPS))
-    deadline = sum(int(n) for o, n in rows if "deadline" in str(o) or "timeout" in str(o))
-    return HealthSample(evals=ok, errors=failed, traps=traps, deadline_hits=deadline)
+StatusOf = Callable[..., ReleaseStatus]
 
 
 @dataclass
@@ -100,61 +61,17 @@ class SwapCounters:
     swap_ms: list[float] = field(default_factory=list)
 
 
-def recent_decisions(db_path: Path, policy_name: str, limit: int) -> list[tuple[str, str, str]]:
-    """The last ``limit`` recorded (input, entrypoint, result) of ``policy_name``, oldest first."""
-    if limit <= 0:
-        return []
-    conn = connect_reader(db_path)
-    try:
-        rows = conn.execute("SELECT input, entrypoint, result FROM decisions WHERE policy_name = ? "
-                            "ORDER BY id DESC LIMIT ?", (policy_name, limit)).fetchall()
-    except sqlite3.OperationalError:  # no decisions table yet (older schema): nothing to replay
-        return []
-    finally:
-        conn.close()
-    return [(str(i), str(e), str(r)) for i, e, r in reversed(rows)]
-
-
-def shadow_evaluate(policy: Policy, rows: list[tuple[str, str, str]]) -> dict[str, int]:
-    """Evaluate ``policy`` on recorded inputs; count results that differ from the recorded ones.
-
-    A recorded result may be the whole result set or just its value (``result[0].result``): a
-    decision counts as unchanged when the new evaluation matches either form.
-    """
-    evaluated = changed = errors = 0
-    for raw_input, entrypoint, raw_result in rows:
-        try:
-            doc = json.loads(raw_input)
-            recorded = json.loads(raw_result)
-        except json.JSONDecodeError:
-            continue
-        evaluated += 1
-        try:
-            rs = policy.evaluate(doc, entrypoint or None)
-        except AgentError:
-            errors += 1
-            changed += 1
-            continue
-        if recorded != rs.raw and not (rs.defined and recorded == rs.value):
-            changed += 1
-    return {"evaluated": evaluated, "changed": changed, "errors": errors}
-
-
 class SwapOrchestrator:
-    """Implements :class:`agent.fleet.receiver.ReleaseHandler` over the real stores and registries."""
+    """Implements :class:`agent.fleet.receiver.ReleaseHandler` over the release store and one slot per kind."""
 
-    def __init__(self, *, node_id: str, releases: ReleaseStore, policies: PolicyRuntime,
-                 reporter: StatusReporter, rules: HealthRules, shadow_inputs: int,
-                 modules: ModuleRuntime | None = None,
+    def __init__(self, *, node_id: str, releases: ReleaseStore, slots: Mapping[str, Slot[Any]],
+                 reporter: StatusReporter, rules: HealthRules,
                  has_newer: Callable[[str, str], bool] | None = None) -> None:
         self.node_id = node_id
         self.releases = releases
-        self.policy_runtime = policies
-        self.policies = policies.registry
+        self.slots = dict(slots)
         self.reporter = reporter
         self.rules = rules
-        self.shadow_inputs = shadow_inputs
-        self.modules = modules
         self.has_newer = has_newer
         self.counters = SwapCounters()
         self.timings: dict[str, float] = {}  # the last swap's steps (benchmarks, logs)
@@ -234,32 +151,27 @@ class SwapOrchestrator:
             await self.reporter.report(status("rejected", code=exc.code, message=str(exc)))
             return "rejected"
         if (rel.kind, rel.name, rel.version) != (env.kind, env.name, env.version):
-            await self._retire(rel)
-            self.counters.rejected += 1
-            await self.reporter.report(status(
-                "rejected", code="envelope_mismatch",
-                message=f"the envelope says {env.kind} {env.name} v{env.version} but the signed release is "
-                f"{rel.kind} {rel.name} v{rel.version}"))
-            return "rejected"
+            return await self._reject(rel, status, "envelope_mismatch",
+                                      f"the envelope says {env.kind} {env.name} v{env.version} but the signed "
+                                      f"release is {rel.kind} {rel.name} v{rel.version}")
         if not rel.predicate.targets_node(self.node_id):
-            await self._retire(rel)
-            self.counters.rejected += 1
-            why = f"signed for {list(rel.predicate.targets)}, not this gateway"
-            await self.reporter.report(status("rejected", code="not_targeted", message=why))
-            return "rejected"
+            return await self._reject(rel, status, "not_targeted",
+                                      f"signed for {list(rel.predicate.targets)}, not this gateway")
         self.timings["verify_stage_ms"] = (time.perf_counter() - t_verify) * 1000
         self.reporter.report_soon(status("verified"))
-        if rel.kind == "policy":
-            return await self._swap_policy(env.artifact, rel, status, started,
-                                           previous_version=active_version, scope=str(delivery.scope))
-        return await self._swap_module(env.artifact, rel, status, started, previous_version=active_version,
-                                       scope=str(delivery.scope))
+        slot = self.slots.get(rel.kind)
+        if slot is None:
+            return await self._reject(rel, status, "kind_unsupported",
+                                      f"this agent runs no {rel.kind} runtime; {rel.kind} releases cannot be "
+                                      "installed here")
+        return await self._swap(slot, env.artifact, rel, status, started, previous_version=active_version,
+                                scope=str(delivery.scope))
 
     async def resume(self, watch: Watch) -> str:
         """Run the health window of a release again after a restart (full window, same rules), then close it.
 
-        The policy loader / module service load the release as at every start; the window judges the
-        object they load (and, for a policy never loaded within the window, rolls back)."""
+        The kind's loader (policy service, module service) loads the release as at every start; the
+        window judges what it loads (and rolls back a release never loaded within the window)."""
         async with self._line(watch.kind, watch.name):
             rel = await run_blocking(self.releases.active, watch.kind, watch.name)
             if rel is None or (rel.version, rel.sha256) != (watch.version, watch.sha256):
@@ -274,33 +186,32 @@ class SwapOrchestrator:
                                      state=state, sha256=watch.sha256, scope=watch.scope,
                                      active_version=kw.pop("active_version", watch.version), **kw)
 
+            slot = self.slots.get(rel.kind)
+            if slot is None:
+                await self._close_watch(watch.id, rel, "cut", message=f"this agent runs no {rel.kind} runtime")
+                return "active"
             log.info("fleet_watch_running", kind=watch.kind, release=watch.name, version=watch.version,
                      starts=watch.starts, window_s=self.rules.window_s)
-            if rel.kind == "policy":
-                return await self._watch_policy(rel, None, None, baseline=HealthSample(), status=status,
-                                                shadow=watch.shadow or {}, watch_id=watch.id)
-            if self.modules is None:
-                await self._close_watch(watch.id, rel, "cut", message="this agent runs no module runtime")
-                return "active"
-            return await self._watch_module(rel, self.modules, status, watch.id)
+            window = await slot.resumed(rel)
+            return await self._watch(slot, rel, window, status=status, shadow=watch.shadow, watch_id=watch.id)
 
-    # -- policies ---------------------------------------------------------------------------------
-    async def _swap_policy(self, artifact: bytes, rel: Release, status: Callable[..., ReleaseStatus],
-                           started: float, *, previous_version: int | None = None, scope: str = "") -> str:
+    # -- the steps ----------------------------------------------------------------------------------
+    async def _swap(self, slot: Slot[Any], artifact: bytes, rel: Release, status: StatusOf, started: float, *,
+                    previous_version: int | None, scope: str) -> str:
         t0 = time.perf_counter()
         try:
-            # staging compiled it into the code cache: this is a ~1 ms deserialize, not a second compile
-            policy = await self.policy_runtime.aload(rel, artifact)
+            candidate = await slot.prepare(rel, artifact)
         except AgentError as exc:
-            await self._retire(rel)
-            self.counters.rejected += 1
-            await self.reporter.report(status("rejected", code=exc.code, message=str(exc)))
-            return "rejected"
+            return await self._reject(rel, status, exc.code, str(exc))
         t1 = time.perf_counter()
-        rows = await run_blocking(recent_decisions, self.releases.store.path, rel.name, self.shadow_inputs)
-        shadow = await run_blocking(shadow_evaluate, policy, rows) if rows else \
-            {"evaluated": 0, "changed": 0, "errors": 0}
-        baseline = HealthSample.of(policy.stats)  # shadow evaluations do not count in the window
+        try:
+            shadow = await slot.shadow(candidate)
+        except AgentError as exc:  # e.g. the decision log cannot be read
+            slot.discard(candidate)
+            return await self._reject(rel, status, exc.code, f"shadow evaluation failed: {exc}")
+        except sqlite3.Error as exc:
+            slot.discard(candidate)
+            return await self._reject(rel, status, StorageError.code, f"shadow evaluation failed: {exc}")
         t2 = time.perf_counter()
         # the window is on record before the release can run: a crash from here on resumes it
         watch_id = await self._open_watch(rel, previous_version=previous_version, scope=scope, shadow=shadow)
@@ -308,66 +219,71 @@ class SwapOrchestrator:
             await self.releases.aactivate(rel.id)
         except (ReleaseRejected, ReleaseStoreError) as exc:
             await self.releases.store.writer.run(watches.discard_job(watch_id))
-            self.counters.rejected += 1
-            await self.reporter.report(status("rejected", code=exc.code, message=str(exc), shadow=shadow))
-            return "rejected"
-        old = self.policies.swap(rel.name, policy)
+            slot.discard(candidate)
+            return await self._reject(rel, status, exc.code, str(exc), shadow=shadow)
+        window = await slot.switch(candidate)
         t3 = time.perf_counter()
         self.counters.activated += 1
         self.counters.swap_ms.append((t3 - started) * 1000)
         self.timings.update(load_ms=(t1 - t0) * 1000, shadow_ms=(t2 - t1) * 1000, activate_ms=(t3 - t2) * 1000,
                             total_ms=(t3 - started) * 1000)
-        log.info("fleet_policy_active", release=rel.name, version=rel.version, shadow=shadow,
-                 previous=old.version if old else None,
-                 timings_ms={k: round(v, 1) for k, v in self.timings.items()})
+        log.info("fleet_release_active", kind=rel.kind, release=rel.name, version=rel.version, shadow=shadow,
+                 previous=previous_version, timings_ms={k: round(v, 1) for k, v in self.timings.items()})
         await self.reporter.report(status("active", shadow=shadow, active_version=rel.version))
-        return await self._watch_policy(rel, policy, old, baseline=baseline, status=status, shadow=shadow,
-                                        watch_id=watch_id)
+        return await self._watch(slot, rel, window, status=status, shadow=shadow, watch_id=watch_id)
 
-    async def _watch_policy(self, rel: Release, policy: Policy | None, old: Policy | None, *,
-                            baseline: HealthSample, status: Callable[..., ReleaseStatus], shadow: dict[str, int],
-                            watch_id: int) -> str:
-        """The health window of ``rel``; ``policy`` None = resumed after a restart: watch what the policy
-        loader loads (a policy still not loaded when the window ends is rolled back)."""
-        old_p99 = quantile_us(tuple(old.stats.latency_us), LATENCY_BUCKETS_US, 0.99) if old else None
-        if old is not None and old.stats.evals < self.rules.min_evals:
-            old_p99 = None  # too little history to compare against
+    async def _watch(self, slot: Slot[Any], rel: Release, window: Window, *, status: StatusOf,
+                     shadow: dict[str, int] | None, watch_id: int) -> str:
+        """The health window of ``rel``: judge what it did until the window ends, a rule is crossed, a
+        newer release arrives, or another version serves the name."""
         deadline = time.monotonic() + self.rules.window_s
         verdict: tuple[str, str] | None = None
-        while time.monotonic() < deadline:
-            await asyncio.sleep(HEALTH_POLL_S)
-            current = self.policies.get(rel.name)
-            if current is not policy and current is not None:
-                if current.version != rel.version:
-                    why = f"version {current.version} was activated meanwhile"
-                    log.info("fleet_health_window_cut", release=rel.name, version=rel.version, reason=why)
-                    await self._close_watch(watch_id, rel, "superseded", message=why)
-                    return "active"
-                # the release watcher (re)loaded the same release: watch the object that serves
-                policy, baseline = current, HealthSample()
-            if policy is not None:
-                verdict = judge(HealthSample.of(policy.stats).minus(baseline), self.rules, LATENCY_BUCKETS_US,
-                                old_p99)
-                if verdict is not None:
-                    break
+        sample: HealthSample | None = None
+        unreadable: str | None = None
+        while time.monotonic() < deadline or unreadable is not None:
+            await asyncio.sleep(slot.poll_s)
+            serving = window.serving()
+            if serving is not None and serving != rel.version:
+                why = f"version {serving} was activated meanwhile"
+                log.info("fleet_health_window_cut", kind=rel.kind, release=rel.name, version=rel.version, reason=why)
+                await self._close_watch(watch_id, rel, "superseded", message=why)
+                return "active"
+            try:
+                current = await window.sample()
+            except (StorageError, sqlite3.Error) as exc:
+                # never judged healthy on numbers that could not be read: keep watching until they can be
+                if unreadable is None:
+                    log.error("fleet_health_unreadable", kind=rel.kind, release=rel.name, version=rel.version,
+                              error=str(exc))
+                unreadable = str(exc)
+            else:
+                if unreadable is not None:
+                    log.info("fleet_health_readable_again", kind=rel.kind, release=rel.name, version=rel.version)
+                unreadable = None
+                if current is not None:
+                    sample = current
+                    verdict = judge(current, self.rules, window.buckets_us, window.baseline_p99_us)
+                    if verdict is not None:
+                        break
             if self._newer_waiting(rel.kind, rel.name):
-                log.info("fleet_health_window_cut", release=rel.name, version=rel.version, reason="newer release")
+                log.info("fleet_health_window_cut", kind=rel.kind, release=rel.name, version=rel.version,
+                         reason="newer release")
                 await self._close_watch(watch_id, rel, "cut", message="a newer release arrived")
                 return "active"
-        if policy is None:
-            window: dict[str, Any] = {}
-            verdict = ("health_not_loaded", f"{rel.name} v{rel.version} was not loaded within its health window "
-                       "after a restart (see the agent's recent errors)")
-        else:
-            window = HealthSample.of(policy.stats).minus(baseline).to_dict()
+        if verdict is None and sample is None:
+            verdict = ("health_not_loaded", f"{rel.kind} {rel.name} v{rel.version} was not loaded within its "
+                       "health window after a restart (see the agent's recent errors)")
+        summary = sample.to_dict() if sample is not None else {}
         if verdict is None:
             self.counters.healthy += 1
-            log.info("fleet_release_healthy", release=rel.name, version=rel.version, window=window)
+            log.info("fleet_release_healthy", kind=rel.kind, release=rel.name, version=rel.version, window=summary)
             await self._close_watch(watch_id, rel, "healthy")
             return "active"
         code, why = verdict
-        return await self._rollback_policy(rel, policy, old, status=status, code=code, why=why, shadow=shadow,
-                                           window=window, watch_id=watch_id)
+        log.warning("fleet_release_unhealthy", kind=rel.kind, release=rel.name, version=rel.version, code=code,
+                    why=why, window=summary)
+        return await self._rollback(rel, window, status=status, code=code, why=why, shadow=shadow,
+                                    watch_id=watch_id)
 
     async def _still_active(self, rel: Release, watch_id: int) -> bool:
         """Before a rollback: the watched release must still be the active one (not one installed by hand)."""
@@ -378,10 +294,8 @@ class SwapOrchestrator:
                                 message=f"no longer active (v{active.version if active else None} is)")
         return False
 
-    async def _rollback_policy(self, rel: Release, bad: Policy | None, old: Policy | None, *,
-                               status: Callable[..., ReleaseStatus], code: str, why: str,
-                               shadow: dict[str, int], window: dict[str, Any], watch_id: int) -> str:
-        log.warning("fleet_release_unhealthy", release=rel.name, version=rel.version, code=code, why=why, window=window)
+    async def _rollback(self, rel: Release, window: Window, *, status: StatusOf, code: str, why: str,
+                        shadow: dict[str, int] | None, watch_id: int) -> str:
         if not await self._still_active(rel, watch_id):
             return "active"
         try:
@@ -393,107 +307,20 @@ class SwapOrchestrator:
                                               message=message))
             await self._close_watch(watch_id, rel, "kept", code=code, message=message)
             return "active"
-        previous = old
-        if previous is None or previous.version != restored.version:
-            artifact = await self.releases.aartifact_bytes(restored.sha256)
-            previous = await self.policy_runtime.aload(restored, artifact)
-        self.policies.swap(rel.name, previous)
-        if bad is not None:
-            bad.close()
+        await window.restore(restored)
         self.counters.rolled_back += 1
         await self.reporter.report(status("rolled_back", code=code, message=why, shadow=shadow,
                                           active_version=restored.version))
         await self._close_watch(watch_id, rel, "rolled_back", code=code, message=why)
         return "rolled_back"
 
-    # -- modules ----------------------------------------------------------------------------------
-    async def _swap_module(self, artifact: bytes, rel: Release, status: Callable[..., ReleaseStatus],
-                           started: float, *, previous_version: int | None = None, scope: str = "") -> str:
-        runtime = self.modules
-        if runtime is None:
-            await self._retire(rel)
-            self.counters.rejected += 1
-            await self.reporter.report(status("rejected", code="kind_unsupported",
-                                              message="this agent runs no module runtime; module releases "
-                                              "cannot be installed here"))
-            return "rejected"
-        previous = runtime.registry.get(rel.name)
-        # on record before the new version can run: a crash from here on resumes the window
-        watch_id = await self._open_watch(rel, previous_version=previous_version, scope=scope, shadow=None)
-        try:
-            # compiles off the loop (code cache), then swaps between runs (waits for the run in flight)
-            await runtime.load_release(rel.name, rel.version, rel.sha256, artifact, dict(rel.predicate.raw))
-            await self.releases.aactivate(rel.id)
-        except (AgentError, wasmtime.WasmtimeError) as exc:
-            await self.releases.store.writer.run(watches.discard_job(watch_id))
-            if previous is not None and (cur := runtime.registry.get(rel.name)) is not None \
-                    and cur.version == rel.version:
-                await runtime.registry.swap(previous)
-            await self._retire(rel)
-            self.counters.rejected += 1
-            code = exc.code if isinstance(exc, AgentError) else "invalid_wasm"
-            await self.reporter.report(status("rejected", code=code, message=str(exc).splitlines()[0][:500]))
-            return "rejected"
-        self.counters.activated += 1
-        self.counters.swap_ms.append((time.perf_counter() - started) * 1000)
-        await self.reporter.report(status("active", active_version=rel.version))
-        return await self._watch_module(rel, runtime, status, watch_id)
-
-    async def _watch_module(self, rel: Release, runtime: ModuleRuntime, status: Callable[..., ReleaseStatus],
-                            watch_id: int) -> str:
-        """The health window of a module release: its failed runs (``module_runs``) since the window began.
-        Resumed after a restart, the module service loads it; one never loaded in the window is rolled back."""
-        first_run_id = await run_blocking(_last_run_id, self.releases.store.path)
-        deadline = time.monotonic() + self.rules.window_s
-        verdict: tuple[str, str] | None = None
-        sample = HealthSample()
-        loaded = False
-        while time.monotonic() < deadline:
-            await asyncio.sleep(max(HEALTH_POLL_S, 0.2))
-            sample = await run_blocking(_module_window, self.releases.store.path, rel.name, rel.version, first_run_id)
-            verdict = judge(sample, self.rules, LATENCY_BUCKETS_US, None)
-            if verdict is not None:
-                break
-            current = runtime.registry.get(rel.name)
-            if current is not None and current.version != rel.version:
-                why = f"version {current.version} was activated meanwhile"
-                log.info("fleet_health_window_cut", kind="module", release=rel.name, version=rel.version, reason=why)
-                await self._close_watch(watch_id, rel, "superseded", message=why)
-                return "active"
-            loaded = loaded or current is not None
-            if self._newer_waiting(rel.kind, rel.name):
-                log.info("fleet_health_window_cut", kind="module", release=rel.name, version=rel.version,
-                         reason="newer release")
-                await self._close_watch(watch_id, rel, "cut", message="a newer release arrived")
-                return "active"
-        if verdict is None and not loaded and runtime.registry.get(rel.name) is None:
-            verdict = ("health_not_loaded", f"module {rel.name} v{rel.version} was not loaded within its health "
-                       "window after a restart (see the agent's recent errors)")
-        if verdict is None:
-            self.counters.healthy += 1
-            log.info("fleet_release_healthy", kind="module", release=rel.name, version=rel.version,
-                     window=sample.to_dict())
-            await self._close_watch(watch_id, rel, "healthy")
-            return "active"
-        code, why = verdict
-        log.warning("fleet_release_unhealthy", kind="module", release=rel.name, version=rel.version, code=code,
-                    why=why, window=sample.to_dict())
-        if not await self._still_active(rel, watch_id):
-            return "active"
-        try:
-            restored = await self.releases.arollback(rel.kind, rel.name)
-        except ReleaseStoreError as exc:
-            message = f"{why}; cannot roll back: {exc}"
-            await self.reporter.report(status("active", code=code, active_version=rel.version, message=message))
-            await self._close_watch(watch_id, rel, "kept", code=code, message=message)
-            return "active"
-        wasm = await self.releases.aartifact_bytes(restored.sha256)
-        await runtime.load_release(restored.name, restored.version, restored.sha256, wasm,
-                                   dict(restored.predicate.raw))
-        self.counters.rolled_back += 1
-        await self.reporter.report(status("rolled_back", code=code, message=why, active_version=restored.version))
-        await self._close_watch(watch_id, rel, "rolled_back", code=code, message=why)
-        return "rolled_back"
+    async def _reject(self, rel: Release, status: StatusOf, code: str, message: str,
+                      shadow: dict[str, int] | None = None) -> str:
+        """A staged release that will not run: retire it and say why (nothing else changed)."""
+        await self._retire(rel)
+        self.counters.rejected += 1
+        await self.reporter.report(status("rejected", code=code, message=message, shadow=shadow))
+        return "rejected"
 
     async def _retire(self, rel: Release) -> None:
         try:

@@ -183,10 +183,16 @@ class ModuleRuntime:
         if current is not None and current.sha256 == sha256 and current.version == version:
             return current
         loaded = await self.prepare(name, version, sha256, wasm, predicate)
-        await self.registry.swap(loaded)
-        log.info("module_loaded", module=name, version=version, source=loaded.source,
-                 load_ms=round(loaded.load_ms, 2), trigger=loaded.spec.trigger_type)
+        await self.activate(loaded)
         return loaded
+
+    async def activate(self, loaded: LoadedModule) -> LoadedModule | None:
+        """Make a prepared version the active one of its name, between runs (waits for the run in flight);
+        returns the version it replaced."""
+        old = await self.registry.swap(loaded)
+        log.info("module_loaded", module=loaded.name, version=loaded.version, source=loaded.source,
+                 load_ms=round(loaded.load_ms, 2), trigger=loaded.spec.trigger_type)
+        return old
 
     async def trial(self, candidate: LoadedModule, trigger: dict[str, Any] | None = None,
                     readings: Iterable[Any] | None = None) -> ModuleOutput:

@@ -31,11 +31,13 @@ def connect_writer(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     return conn
 
 
-def connect_reader(path: Path) -> sqlite3.Connection:
+def connect_reader(path: Path, *, stale_ok: bool = True) -> sqlite3.Connection:
     """A read-only connection: never creates, never writes, never blocks the writer.
 
     Falls back to ``immutable=1`` when the WAL side files cannot be opened (for example a
     technician without write access to the state dir): the view may then miss the newest commits.
+    ``stale_ok=False`` refuses that fallback (the error is raised): for readers that judge something
+    from the newest rows, where an old view would be a wrong answer rather than a partial one.
     """
     if not path.exists():
         raise StorageError(f"{path}: no state database (the agent has never run with this state dir)")
@@ -45,6 +47,8 @@ def connect_reader(path: Path) -> sqlite3.Connection:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return conn
     except sqlite3.OperationalError:
+        if not stale_ok:
+            raise
         conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return conn
