@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections import Counter
+from typing import Any
 
 import aiomqtt
+
+from agent.sync import codec
 
 
 class Consumer:
@@ -23,6 +25,7 @@ class Consumer:
         self.topic = topic
         self.seen: Counter[str] = Counter()
         self.by_class: dict[str, set[str]] = {}
+        self.payloads: dict[str, Any] = {}  # key -> payload (the last copy received)
         self.batches = 0
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -55,11 +58,12 @@ class Consumer:
                     await client.subscribe(self.topic, qos=1)
                     self.connected.set()
                     async for message in client.messages:
-                        body = json.loads(message.payload if isinstance(message.payload, bytes) else b"{}")
+                        body = codec.decode_message(message.payload if isinstance(message.payload, bytes) else b"{}")
                         self.batches += 1
                         for rec in body["records"]:
                             self.seen[rec["key"]] += 1
                             self.by_class.setdefault(body["class"], set()).add(rec["key"])
+                            self.payloads[rec["key"]] = rec["payload"]
             except aiomqtt.MqttError:
                 self.connected.clear()
                 await asyncio.sleep(0.2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,8 @@ from agent.config import AgentConfig
 from agent.config.sync import DAY, OutboxSettings
 from agent.storage import Store
 from agent.storage.report import Report
+from agent.sync import codec
+from agent.sync.auditwin import seal_legacy_job
 from agent.sync.outbox import (
     Outbox,
     OutboxClass,
@@ -23,7 +26,6 @@ from agent.sync.outbox import (
     expire_job,
     held_bytes,
     make_record,
-    pull_decisions_job,
 )
 from agent.sync.status import outbox_section
 
@@ -76,12 +78,15 @@ def test_budget_degrades_telemetry_first_then_events_never_audit_or_control(stor
         conn.close()
     assert held_max <= budget
     c = counts(store)
-    assert c["control"] == 20 and c["audit"] == 50  # never dropped
+    assert c["control"] == 20  # never dropped
+    gaps = rows(store, "SELECT key, kind FROM outbox WHERE cls = 1 AND kind = 'gap'")
+    assert c["audit"] == 50 + len(gaps) and gaps  # never dropped; every shed range became a gap record
     stats = {OutboxClass(int(r[0])).label: r[1:] for r in rows(
         store, "SELECT cls, thinned, dropped FROM outbox_classes")}
-    assert stats["telemetry"][0] > 0  # downsampled first
-    assert stats["telemetry"][1] > 0  # then dropped
+    assert stats["telemetry"][1] > 0  # dropped, oldest first
     assert stats["control"] == (0, 0) and stats["audit"] == (0, 0)
+    shed = dict(rows(store, "SELECT what, records FROM outbox_gaps"))
+    assert shed["telemetry"] == stats["telemetry"][1]  # the gap records count exactly what went
     # newest telemetry survives (oldest goes first)
     keys = {str(r[0]) for r in rows(store, "SELECT key FROM outbox WHERE cls = 3")}
     assert "t/399" in keys and "t/0" not in keys
@@ -135,7 +140,8 @@ def test_ttl_counts_downtime_when_both_clocks_are_set(store: Store) -> None:
     assert counts(store) == {}
 
 
-def test_decisions_pulled_by_cursor_exactly_once(store: Store) -> None:
+def test_decisions_of_an_older_agent_are_packed_once_after_the_upgrade(store: Store) -> None:
+    """Rows written before the audit trail (kept = 'legacy') go out in full, by the old cursor, exactly once."""
     def add(n: int, start: int) -> None:
         def job(db: object) -> None:
             conn = db.conn  # type: ignore[attr-defined]
@@ -145,15 +151,19 @@ def test_decisions_pulled_by_cursor_exactly_once(store: Store) -> None:
                              "'allow', '')", (WALL0 + i, float(i), f'{{"i":{i}}}'))
         store.writer.run_sync(job)
 
-    add(2500, 0)
-    assert store.writer.run_sync(pull_decisions_job(10**9)) == 2000
-    assert store.writer.run_sync(pull_decisions_job(10**9)) == 500
-    assert store.writer.run_sync(pull_decisions_job(10**9)) == 0
-    add(3, 2500)
-    assert store.writer.run_sync(pull_decisions_job(10**9)) == 3
-    assert counts(store) == {"audit": 2503}
-    (payload,) = rows(store, "SELECT payload FROM outbox WHERE key = 'decision/1'")[0]
-    assert '"input":{"i":0}' in str(payload)
+    add(1000, 0)
+    assert store.writer.run_sync(seal_legacy_job(10**9)) == 500
+    assert store.writer.run_sync(seal_legacy_job(10**9)) == 500
+    assert store.writer.run_sync(seal_legacy_job(10**9)) == 0
+    add(3, 1000)
+    assert store.writer.run_sync(seal_legacy_job(10**9)) == 3
+    assert counts(store) == {"audit": 3}
+    (payload, enc) = rows(store, "SELECT payload, enc FROM outbox WHERE key = 'decision-legacy/1-500'")[0]
+    doc = json.loads(codec.unpack(payload, enc))
+    assert doc["records"][0]["input"] == '{"i":0}' and len(doc["records"]) == 500
+    assert sum(c["full"] for c in doc["counts"]) == 500 and all(c["rolled"] == 0 for c in doc["counts"])
+    (made,) = rows(store, "SELECT sum(made) FROM audit_keys")[0]
+    assert made == 1003
 
 
 def test_status_shows_backlog_oldest_rate_and_forecast(store: Store, tmp_path: Path) -> None:
@@ -192,11 +202,16 @@ def test_events_pulled_by_cursor_and_service_tick(store: Store) -> None:
     add_events(5)
     settings = OutboxSettings(ttl_events_s=3600)
     ob = Outbox(store.writer, settings)
-    service = OutboxService(store, settings, ob, now=lambda: Stamp(WALL0 + 10, "boot-a", 10.0))
+    now = [Stamp(WALL0 + 10, "boot-a", 10.0)]
+    service = OutboxService(store, settings, ob, now=lambda: now[0])
+    asyncio.run(service.tick(expire=True))
+    assert counts(store) == {}  # the oldest has waited 10 s of pack_wait_s = 60: not packed yet
+    now[0] = Stamp(WALL0 + 61, "boot-a", 61.0)
     asyncio.run(service.tick(expire=True))
     add_events(2)
     asyncio.run(service.tick(expire=False))
-    assert counts(store) == {"events": 7}
-    assert {str(r[0]) for r in rows(store, "SELECT key FROM outbox")} == {f"event/{i}" for i in range(1, 8)}
+    assert {str(r[0]) for r in rows(store, "SELECT key FROM outbox")} == {"events/1-5", "events/6-7"}
+    (payload, enc) = rows(store, "SELECT payload, enc FROM outbox WHERE key = 'events/1-5'")[0]
+    assert [e["data"] for e in json.loads(codec.unpack(payload, enc))["events"]] == [{"t": i} for i in range(5)]
     (ratio,) = rows(store, "SELECT value FROM kv WHERE key = 'outbox.page_ratio'")[0]
     assert float(ratio) >= 1.0

@@ -13,6 +13,7 @@ import pytest
 from agent.clock import Stamp
 from agent.config.sync import OutboxSettings
 from agent.storage import Store
+from agent.sync import codec
 from agent.sync.drain import Drainer, parse_url
 from agent.sync.outbox import OutboxError, enqueue_job, make_record
 from agent_devkit.broker import Broker
@@ -95,7 +96,6 @@ def test_priority_classes_drain_first(broker: Broker, tmp_path: Path) -> None:
     classes: list[str] = []
 
     async def main() -> None:
-        import json
 
         import aiomqtt
         async with aiomqtt.Client(broker.host, broker.port, identifier="watch") as client:
@@ -105,7 +105,7 @@ def test_priority_classes_drain_first(broker: Broker, tmp_path: Path) -> None:
             try:
                 async with asyncio.timeout(30):
                     async for msg in client.messages:
-                        body = json.loads(msg.payload if isinstance(msg.payload, bytes) else b"{}")
+                        body = codec.decode_message(msg.payload if isinstance(msg.payload, bytes) else b"{}")
                         classes.append(body["class"])
                         if len(classes) == 10:
                             break

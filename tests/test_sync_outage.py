@@ -35,7 +35,7 @@ SAMPLE_S = 60  # the configured reading rate: every property once a minute
 DEVICES = {"press-1": ("temperature", "pressure", "rpm", "running", "mode"),
            "press-2": ("temperature", "pressure", "rpm", "running", "mode")}
 TYPES = {"temperature": "float", "pressure": "float", "rpm": "int", "running": "bool", "mode": "string"}
-BUDGET = 3_600_000
+BUDGET = 1_200_000
 
 
 class SimClock:
@@ -162,8 +162,8 @@ def test_thirty_day_outage_then_reconnect(broker: Broker, tmp_path: Path) -> Non
             conn.close()
             # the degradation order held: control/audit complete, telemetry degraded first
             assert stats[0][0] == len(keys["control"]) and stats[0][1:] == (0, 0, 0)
-            assert stats[1][0] == DAYS * 24 * 12 and stats[1][1:] == (0, 0, 0)
-            assert stats[3][3] > 0  # telemetry was downsampled
+            assert stats[1][1:3] == (0, 0)  # audit: nothing expired or dropped
+            assert stats[3][2] > 0  # telemetry was shed, oldest first
             assert stats[2][1] == 0  # no event expired early despite the clock jumps (TTL 45 days)
             for cls, (enq, exp, drop, thin) in stats.items():
                 assert enq - exp - drop - thin == len(remaining.get(cls, set())), cls
@@ -183,7 +183,11 @@ def test_thirty_day_outage_then_reconnect(broker: Broker, tmp_path: Path) -> Non
                         await asyncio.sleep(0.05)
                 assert consumer.unique == want
                 assert consumer.by_class["control"] == keys["control"]
-                assert len(consumer.by_class["audit"]) == DAYS * 24 * 12
+                # every decision arrived in full (written by a producer that predates the audit trail)
+                assert sum(len(p["records"]) for p in consumer.payloads.values()
+                           if p.get("type") == "audit_window") == DAYS * 24 * 12
+                gaps = [p for p in consumer.payloads.values() if p.get("type") == "gap"]
+                assert gaps and sum(g["records"] for g in gaps if g["what"] == "telemetry") == stats[3][2]
                 assert peer.violations == []
             finally:
                 await peer.stop()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agent.cli import policy_cmd, run_cmd, status_cmd, trust_cmd
+from agent.cli import plan_cmd, policy_cmd, run_cmd, status_cmd, trust_cmd
 from agent.cli.common import Registrar, run_cli
 
 COMMANDS: list[Registrar] = [run_cmd.register, status_cmd.register, trust_cmd.register_trust,
-                             trust_cmd.register_install, policy_cmd.register]
+                             trust_cmd.register_install, policy_cmd.register, plan_cmd.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

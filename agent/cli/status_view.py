@@ -23,6 +23,14 @@ def pairs(rows: Sequence[tuple[str, Any]]) -> str:
     return "".join(f"  {k.ljust(width)}  {v}\n" for k, v in rows)
 
 
+def _wear(wear: dict[str, Any] | None) -> str | None:
+    if not wear:
+        return None
+    recent = wear.get("recent_bytes_per_day")
+    per_day = recent if recent is not None else wear.get("bytes_per_day", 0)
+    return f"{_mib(int(per_day))}/day ({_mib(int(wear.get('written_bytes', 0)))} since start)"
+
+
 def render(report: dict[str, Any]) -> str:
     out: list[str] = []
     health = "HEALTHY" if report["healthy"] else "UNHEALTHY"
@@ -41,6 +49,7 @@ def render(report: dict[str, Any]) -> str:
             ("heartbeat age", f"{d['heartbeat_age_s']} s" if "heartbeat_age_s" in d else None),
             ("doing", d.get("status_text")), ("node id", a.get("node_id")),
             ("state dir", a.get("state_dir")), ("database", _mib(a.get("db_bytes"))),
+            ("written (flash wear)", _wear(a.get("wear"))),
             ("disk free", f"{_mib(a.get('disk_free_bytes'))} of {_mib(a.get('disk_total_bytes'))}")]
     out.append(pairs([r for r in rows if r[1] is not None]))
     for title, key, cols in EXTRA_TABLES:
@@ -61,10 +70,15 @@ EXTRA_TABLES: list[tuple[str, str, list[tuple[str, str]]]] = [
                                         ("installed", "installed_at")]),
     ("Outbox budget", "outbox_summary", [
         ("held", "held"), ("budget", "budget"), ("used", "used"), ("written", "per_day"),
-        ("full in (at this rate)", "full_in"), ("uplink", "uplink")]),
+        ("budget lasts (at this rate)", "full_in"), ("uplink", "uplink")]),
+    ("Audit trail (decisions = kept in full + rolled up)", "audit_policies", [
+        ("policy", "policy"), ("decisions", "decisions"), ("kept in full", "full"), ("rolled up", "rolled"),
+        ("in full", "share_full"), ("shed to counts", "shed")]),
+    ("Detail shed under disk pressure (gap records)", "audit_gaps", [
+        ("what", "what"), ("ranges", "ranges"), ("records", "records")]),
     ("Outbox (store-and-forward)", "outbox_classes", [
         ("class", "class"), ("backlog", "backlog"), ("bytes", "bytes"), ("oldest unsent", "oldest_unsent"),
-        ("sent", "sent"), ("expired", "expired"), ("dropped", "dropped"), ("thinned", "thinned")]),
+        ("sent", "sent"), ("expired", "expired"), ("dropped", "dropped"), ("merged", "thinned")]),
     ("Control loop", "pipeline_counts", [("readings", "readings"), ("rejected", "rejected"),
                                          ("allowed", "allow"), ("modified", "modify"), ("denied", "deny"),
                                          ("published", "published"), ("publish failed", "failed"),

@@ -16,10 +16,11 @@ from typing import Literal
 
 from agent.config.fleet import FleetSettings
 from agent.config.modules import ModuleSettings
-from agent.config.pipeline import PipelineSettings
+from agent.config.pipeline import AuditSettings, PipelineSettings
 from agent.config.policy import PolicySettings
 from agent.config.schema import non_empty, non_negative, port, positive, setting
 from agent.config.sync import KubeEdgeSettings, OutboxSettings
+from agent.config.telemetry import TelemetrySettings
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class AgentConfig:
     kubeedge: KubeEdgeSettings = field(default_factory=KubeEdgeSettings)
     fleet: FleetSettings = field(default_factory=FleetSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
     @property
     def node_id(self) -> str:

@@ -19,17 +19,21 @@ def _url(value: str) -> str | None:
 @dataclass(frozen=True)
 class OutboxSettings:
     disk_budget_bytes: int = setting(512 * 1024 * 1024, check=positive,
-                                     doc="Most bytes the outbox may hold on disk before it degrades "
-                                         "(downsample telemetry, then drop telemetry, then events; "
-                                         "control and audit records are never dropped).")
+                                     doc="Most bytes the outbox may hold on disk before it sheds detail "
+                                         "(raw telemetry, 1-minute rollups, events, 1-hour rollups, then audit "
+                                         "detail into counts), each shed range reported by a gap record; control "
+                                         "records, audit counts and transitions are never shed.")
     ttl_control_s: int = setting(0, check=non_negative, doc="Age after which control records expire; 0 = never.")
     ttl_audit_s: int = setting(0, check=non_negative, doc="Age after which audit records (decision log) expire; "
                                                           "0 = never.")
     ttl_events_s: int = setting(45 * DAY, check=non_negative, doc="Age after which events expire; 0 = never.")
     ttl_telemetry_s: int = setting(35 * DAY, check=non_negative,
                                    doc="Age after which telemetry summaries expire; 0 = never.")
-    pull_decisions: bool = setting(True, doc="Copy every row of the decision log into the outbox (audit class), "
-                                             "by a cursor kept in the same transaction.")
+    pull_decisions: bool = setting(True, doc="Send the audit trail to the cloud: each sealed audit window (counts "
+                                             "and full records) becomes one outbox record (audit class).")
+    pack_wait_s: float = setting(60.0, check=positive,
+                                 doc="Module events wait at most this long (boot clock) to be packed, many per "
+                                     "compressed outbox record.")
     maintenance_interval_s: float = setting(30.0, check=positive,
                                             doc="How often expiry, the disk budget and the decision cursor run.")
     uplink_url: str = setting("", check=_url, doc="Broker the outbox drains to (mqtt://host:port or mqtts://); "

@@ -8,9 +8,10 @@ It is the module runtime's output sink (the composition root connects the two). 
    thread hop on the latency-critical path;
    The input is JSON-encoded once: the policy evaluates those bytes and the decision log stores the
    same text, next to the result set exactly as the policy wrote it;
-2. ONE write job stores every decision (input, raw result, outcome, reason), the allowed property
-   values (latest per device/name), the events and the derived telemetry — the audit record exists
-   before anything acts on the world;
+2. ONE write job counts every decision in the audit trail and stores in full those an auditor needs
+   (input, raw result, outcome, reason; see ``audit.py``), the allowed property values (latest per
+   device/name), the events and the derived telemetry — the audit record exists before anything
+   acts on the world;
 3. allowed actuations are published on the local broker (QoS 1, in order, without waiting for the
    PUBACKs before the next module run) and their delivery (``published`` / ``failed``) recorded.
    A failed actuation is not retried later: a stale command replayed minutes after the fact is more
@@ -29,8 +30,10 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from agent.clock import Stamp, now
-from agent.config.pipeline import PipelineSettings
+from agent import clock
+from agent.clock import Stamp
+from agent.config.pipeline import AuditSettings, PipelineSettings
+from agent.control.audit import AuditLog, signature
 from agent.control.contract import Verdict, verdict
 from agent.errors import AgentError
 from agent.logs import get_logger
@@ -65,6 +68,18 @@ class Decided:
     result_json: str | None = None  # the policy's own JSON text of ``result``, when it gave one
     input_json: str | None = None  # the JSON text of ``input`` the policy evaluated, when it was asked
     payload: bytes | None = None  # an allowed actuation's payload as published (encoded once, also recorded)
+    error: bool = False  # the policy failed (error, deadline): always kept in full
+    kept: str = ""  # why the audit trail keeps it in full ("" = rolled up into its window's count)
+
+    def input_text(self) -> str:
+        """The exact input the policy saw (what the decision log stores and the digest covers)."""
+        if self.input_json is None:
+            self.input_json = json.dumps(self.input, separators=(",", ":"), default=repr)
+        return self.input_json
+
+    @property
+    def requested(self) -> Any:
+        return self.item.payload if self.kind == "actuation" else self.item.value
 
 
 @dataclass
@@ -115,9 +130,12 @@ def _property_type(value: Any, declared: str) -> str:
 class Pipeline:
     def __init__(self, store: Store, settings: PipelineSettings, node_id: str, *,
                  publisher: Publisher | None, policies: PolicyRegistry | None,
-                 decision_policy: Callable[[], str] = lambda: "") -> None:
+                 decision_policy: Callable[[], str] = lambda: "", audit: AuditSettings | None = None,
+                 now: clock.Clock = clock.now) -> None:
         self.store = store
+        self.now = now
         self.settings = settings
+        self.audit = AuditLog(audit or AuditSettings())
         self.node_id = node_id
         self.publisher = publisher
         self.policies = policies
@@ -166,7 +184,7 @@ class Pipeline:
                       code=exc.code, subject=subject)
             v = Verdict("deny", f"policy evaluation failed ({exc.code}): {exc}"[:500], None)
             return Decided(kind, subject, inp, {"error": str(exc)[:500]}, v, policy.name, policy.version, item,
-                           input_json=blob.decode() if blob is not None else None)
+                           input_json=blob.decode() if blob is not None else None, error=True)
         return Decided(kind, subject, inp, raw, verdict(raw, requested, kind), policy.name, policy.version, item,
                        result_json=text.decode("utf-8", errors="replace") if text else None,
                        input_json=blob.decode())
@@ -206,8 +224,10 @@ class Pipeline:
         await self.drain()
 
     async def reload(self, config: Any) -> None:
-        """SIGHUP: the ``[pipeline]`` keys apply from the next module output."""
+        """SIGHUP: the ``[pipeline]`` and ``[audit]`` keys apply from the next module output (a changed
+        audit window length starts a new window)."""
         self.settings = config.pipeline
+        self.audit.settings = config.audit
 
     def _policy_ident(self) -> tuple[str, int]:
         policy = self._policy()
@@ -215,7 +235,7 @@ class Pipeline:
 
     async def handle(self, output: ModuleOutput) -> Handled:
         """The module runtime's sink: gate, persist, publish. ``output`` is a ``ModuleOutput``."""
-        stamp = now()
+        stamp = self.now()
         source = (str(output.name), int(output.version))
         decided: list[Decided] = []
         for act in output.actuations:
@@ -234,11 +254,21 @@ class Pipeline:
             doc = {"device": prop.device, "name": prop.name, "value": prop.value, "type": prop.type}
             decided.append(self.decide("property", f"{prop.device}/{prop.name}", doc, requested=prop.value,
                                        item=prop, stamp=stamp, source=source))
+        if not self.audit.loaded:
+            await self.store.writer.run(self.audit.load_job())
+        plan = self.audit.plan(stamp, [
+            ((d.policy_name, d.policy_version, d.subject, d.verdict.outcome, d.verdict.reason), d.error,
+             signature(d.verdict.outcome, d.requested, d.verdict.final), d.input_text().encode())
+            for d in decided])
+        for d, entry in zip(decided, plan.entries, strict=True):
+            d.kept = entry.kept
         try:
-            await self.store.writer.run(self._persist_job(decided, output, stamp, source[0]))
+            written = await self.store.writer.run(self._persist_job(decided, output, stamp, source[0], plan))
         except BaseException:
             self._last_props.clear()  # nothing of this output was stored: decide again next time
             raise
+        if written is not None:
+            self.audit.committed(plan, written)
         for d in decided:
             self.counts[d.verdict.outcome] += 1
             if d.verdict.outcome == "deny":
@@ -290,20 +320,22 @@ class Pipeline:
         return None
 
     def _persist_job(self, decided: list[Decided], output: ModuleOutput, stamp: Stamp,
-                     source: str) -> Callable[[sqlite_utils.Database], None]:
-        def job(db: sqlite_utils.Database) -> None:
+                     source: str, plan: Any) -> Callable[[sqlite_utils.Database], Any]:
+        def job(db: sqlite_utils.Database) -> Any:
             conn = db.conn
+            win = self.audit.window_row(conn, plan) if decided else 0
+            ids: list[int] = []
             for d in decided:
-                cur = conn.execute(
-                    "INSERT INTO decisions (wall, boot_id, mono, policy_name, policy_version, entrypoint, input,"
-                    " result, outcome, reason, subject) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (stamp.wall, stamp.boot_id, stamp.mono, d.policy_name, d.policy_version,
-                     self.settings.policy_entrypoint,
-                     d.input_json if d.input_json is not None else json.dumps(d.input, separators=(",", ":"),
-                                                                             default=repr),
-                     d.result_json if d.result_json is not None else json.dumps(d.result, separators=(",", ":")),
-                     d.verdict.outcome, d.verdict.reason, d.subject))
-                d.decision_id = int(cur.lastrowid or 0)
+                if d.kept:
+                    cur = conn.execute(
+                        "INSERT INTO decisions (wall, boot_id, mono, policy_name, policy_version, entrypoint, input,"
+                        " result, outcome, reason, subject, kept, win) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (stamp.wall, stamp.boot_id, stamp.mono, d.policy_name, d.policy_version,
+                         self.settings.policy_entrypoint, d.input_text(),
+                         d.result_json if d.result_json is not None else json.dumps(d.result, separators=(",", ":")),
+                         d.verdict.outcome, d.verdict.reason, d.subject, d.kept, win))
+                    d.decision_id = int(cur.lastrowid or 0)
+                ids.append(d.decision_id)
                 if d.kind == "property" and d.verdict.outcome != "deny":
                     value = d.verdict.final
                     conn.execute(
@@ -325,6 +357,7 @@ class Pipeline:
                     " VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
                     [(f"derived/{source}/{t['device']}/{t['metric']}", t["device"], t["metric"], float(t["value"]),
                       float(t.get("wall", stamp.wall)), stamp.boot_id, stamp.mono) for t in output.telemetry])
+            return self.audit.write(conn, plan, win, ids) if decided else None
         return job
 
 

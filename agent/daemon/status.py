@@ -9,6 +9,7 @@ docs/operating.md (``edge-agent.status/v1``) and only grows by adding keys.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import time
@@ -17,7 +18,7 @@ from typing import Any
 from agent import __version__
 from agent.clock import iso
 from agent.config import AgentConfig
-from agent.control.status import pipeline_section
+from agent.control.status import audit_section, pipeline_section
 from agent.errors import StorageError
 from agent.fleet.status import fleet_section
 from agent.runtime.status import modules_section
@@ -82,8 +83,18 @@ def storage_section(conn: sqlite3.Connection, config: AgentConfig, report: Repor
         "disk_free_bytes": usage.free, "disk_total_bytes": usage.total,
         "schema": applied_versions_ro(conn),
     }
+    wear = conn.execute("SELECT value FROM kv WHERE key = 'daemon.wear'").fetchone() if table_exists(
+        conn, "kv") else None
+    if wear is not None:
+        report.data["agent"]["wear"] = json.loads(wear[0])
     if usage.free < config.storage.min_free_bytes:
-        report.problems.append(f"only {usage.free // (1024 * 1024)} MiB free on the state disk")
+        budget = config.outbox.disk_budget_bytes
+        mine = "the agent's own state" if db_bytes > usage.total / 2 else "something other than the agent"
+        report.problems.append(
+            f"only {usage.free // (1024 * 1024)} MiB free on the state disk ({config.state_dir}): it is filled by "
+            f"{mine} (agent state {db_bytes // (1024 * 1024)} MiB, outbox budget {budget // (1024 * 1024)} MiB). "
+            "Free space on that disk; if it fills up completely new decisions cannot be recorded and actuation "
+            "stops (fails closed) until space is freed; everything resumes by itself")
 
 
 def applied_versions_ro(conn: sqlite3.Connection) -> dict[str, int]:
@@ -107,7 +118,7 @@ def errors_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
 
 
 SECTIONS: list[Section] = [daemon_section, storage_section, links_section, errors_section, releases_section,
-                           outbox_section, kubeedge_section, pipeline_section, modules_section,
+                           outbox_section, audit_section, kubeedge_section, pipeline_section, modules_section,
                            fleet_section]
 
 

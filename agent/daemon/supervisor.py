@@ -12,7 +12,7 @@ import sqlite3
 import time
 
 from agent.daemon.context import Context
-from agent.daemon.heartbeat import beat_job
+from agent.daemon.heartbeat import WearMeter, beat_job
 from agent.daemon.notify import watchdog_interval
 from agent.errors import StorageError
 from agent.logs import get_logger
@@ -28,6 +28,7 @@ class Supervisor:
     def __init__(self, ctx: Context, tasks: dict[str, asyncio.Task[None]]) -> None:
         self.ctx = ctx
         self.tasks = tasks
+        self.wear = WearMeter()
         self.watchdog_s = watchdog_interval()
         self.beats = 0
 
@@ -50,7 +51,7 @@ class Supervisor:
             self.check_tasks()
             started = time.monotonic()
             try:
-                await self.ctx.store.writer.run(beat_job("running", self.ctx.status_text))
+                await self.ctx.store.writer.run(beat_job("running", self.ctx.status_text, self.wear.sample()))
                 self.beats += 1
                 if failing:
                     failing = False

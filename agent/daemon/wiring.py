@@ -80,14 +80,14 @@ def build(ctx: Context) -> Components:
                     on_store_failure=bus.request_reconnect)
     bus.subscribe_sensors(ingest.handle)
     pipeline = Pipeline(store, cfg.pipeline, cfg.node_id, publisher=bus, policies=policies.registry,
-                        decision_policy=lambda: ctx.config.policy.decision_policy)
+                        decision_policy=lambda: ctx.config.policy.decision_policy, audit=cfg.audit)
     ingest.add_listener(modules.offer)
     modules.set_sink(pipeline.sink)
     ctx.set_status("local_bus", "connecting")
 
     # store-and-forward to the cloud, KubeEdge twins
     outbox = Outbox(store.writer, cfg.outbox)
-    sync_services: list[Service] = [OutboxService(store, cfg.outbox, outbox)]
+    sync_services: list[Service] = [OutboxService(store, cfg.outbox, outbox, telemetry=cfg.telemetry)]
     if cfg.outbox.uplink_url:
         sync_services.append(Drainer(store, cfg.outbox, cfg.node_id, outbox))
     if cfg.kubeedge.enabled:
@@ -106,7 +106,7 @@ def build(ctx: Context) -> Components:
 
     services: tuple[Service, ...] = (
         watcher, module_service, policy_service, bus, ingest, pipeline,
-        Retention(store, lambda: ctx.config.pipeline), *sync_services, *fleet_services)
+        Retention(store, lambda: ctx.config.pipeline, lambda: ctx.config.telemetry), *sync_services, *fleet_services)
     return Components(releases=watcher, modules=modules, policies=policies, local_bus=bus, ingest=ingest,
                       pipeline=pipeline, outbox=outbox, fleet=fleet, services=services,
                       reloadables=(module_service, policy_service, bus))

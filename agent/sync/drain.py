@@ -7,7 +7,11 @@ Delivery contract (at-least-once + idempotency keys = exactly-once after the con
   batch, so the rows left in ``outbox`` are exactly the resumable cursor: after a SIGKILL, a broker
   restart or a lost link, draining restarts from the oldest row left and at most the batches that
   were in flight are sent twice (same keys);
-- classes drain in priority order (control, audit, events, telemetry), rows in insertion order.
+- classes drain in priority order (control, audit, events, telemetry), rows in insertion order;
+- before a batch is published its rows are *handed out* (``outbox_classes.handed_id``) in a write job
+  that also checks they are all still there: the disk budget never merges or drops a handed-out row,
+  so a record is either delivered or shed (with a gap record), never both;
+- the message is format v2: one zstandard frame of the JSON batch (``codec.py``, ``docs/design.md``).
 
 The link is probed by connecting (capped exponential backoff with jitter); once it is up we wait a
 random ``0..jitter_max_s`` before draining so a fleet coming back together does not storm the broker.
@@ -39,6 +43,7 @@ from agent.messaging.backoff import Backoff
 from agent.offload import run_blocking
 from agent.storage import Store
 from agent.storage.db import connect_reader
+from agent.sync import codec
 from agent.sync.outbox import Outbox, OutboxClass
 
 log = get_logger("outbox")
@@ -63,6 +68,25 @@ def parse_url(url: str) -> tuple[str, int, bool]:
         raise UplinkConfigError(f"outbox.uplink_url {url!r} must look like mqtt://host:port or mqtts://host:port")
     tls = parsed.scheme == "mqtts"
     return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+
+
+def hand_out_job(batches: list[Batch]) -> Callable[[sqlite_utils.Database], int]:
+    """Mark the batches' rows as handed to the broker, after checking each batch is still complete (the
+    budget may have merged or dropped rows since they were read). Returns how many batches are good:
+    the leading ones; the rest must be read again."""
+    def job(db: sqlite_utils.Database) -> int:
+        conn = db.conn
+        good = 0
+        for batch in batches:
+            n = conn.execute("SELECT count(*) FROM outbox WHERE cls = ? AND id BETWEEN ? AND ?",
+                             (int(batch.cls), batch.first_id, batch.last_id)).fetchone()[0]
+            if n != batch.count:
+                break
+            conn.execute("UPDATE outbox_classes SET handed_id = max(handed_id, ?) WHERE cls = ?",
+                         (batch.last_id, int(batch.cls)))
+            good += 1
+        return good
+    return job
 
 
 def ack_job(cls: OutboxClass, first_id: int, last_id: int) -> Callable[[sqlite_utils.Database], int]:
@@ -116,7 +140,7 @@ class BatchReader:
             out: list[Batch] = []
             for cls in OutboxClass:
                 while len(out) < max_batches:
-                    rows = conn.execute("SELECT id, key, payload, wall, boot, mono FROM outbox "
+                    rows = conn.execute("SELECT id, key, payload, wall, boot, mono, enc FROM outbox "
                                         "WHERE cls = ? AND id > ? ORDER BY id LIMIT ?",
                                         (int(cls), self.cursor[cls], self.settings.batch_records)).fetchall()
                     if not rows:
@@ -142,12 +166,13 @@ class BatchReader:
         size = 0
         last = rows[0][0]
         count = 0
-        for rid, key, payload, wall, boot, mono in rows:
+        for rid, key, payload, wall, boot, mono, enc in rows:
             boot_id = self._boot_id(int(boot))
             est = clock.best_wall(Stamp(wall, boot_id, mono), now)
             west = "null" if est is None else f"{est:.3f}"
+            text = codec.unpack(payload, int(enc))
             part = (f'{{"key":{json.dumps(key)},"seq":{rid},"boot":"{boot_id}","mono":{mono:.3f},'
-                    f'"wall":{wall:.3f},"wall_est":{west},"payload":{payload}}}')
+                    f'"wall":{wall:.3f},"wall_est":{west},"payload":{text}}}')
             if count and size + len(part) > self.settings.batch_max_bytes:
                 break
             parts.append(part)
@@ -155,8 +180,9 @@ class BatchReader:
             last = rid
             count += 1
         node = json.dumps(self.node_id)
-        head = f'{{"v":1,"node":{node},"class":"{cls.label}","sent_at":{time.time():.3f},"records":['
-        return Batch(cls, int(rows[0][0]), int(last), count, (head + ",".join(parts) + "]}").encode())
+        head = f'{{"v":2,"node":{node},"class":"{cls.label}","sent_at":{time.time():.3f},"records":['
+        return Batch(cls, int(rows[0][0]), int(last), count,
+                     codec.compress((head + ",".join(parts) + "]}").encode()))
 
 
 class TokenBucket:
@@ -269,6 +295,15 @@ class Drainer:
                 if failure:
                     raise failure[0]
                 batches = await run_blocking(self.reader.read, self.settings.inflight * 2)
+                if batches:
+                    good = await self.store.writer.run(hand_out_job(batches))
+                    if good < len(batches):
+                        # shed by the budget since they were read: read those classes again from there
+                        for batch in batches[good:]:
+                            self.reader.cursor[batch.cls] = min(self.reader.cursor[batch.cls], batch.first_id - 1)
+                        batches = batches[:good]
+                        if not batches:
+                            continue
                 if not batches:
                     if inflight:
                         await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)

@@ -69,8 +69,11 @@ def outbox_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
     fc = forecast(conn, budget, held)
     link = conn.execute("SELECT state, detail FROM links WHERE name = 'uplink'").fetchone() if table_exists(
         conn, "links") else None
+    ratio = conn.execute("SELECT sum(plain_bytes), sum(stored_bytes) FROM outbox_classes").fetchone() if any(
+        r[1] == "plain_bytes" for r in conn.execute("PRAGMA table_info(outbox_classes)")) else None
     report.data["outbox"] = {
         "budget_bytes": budget, "held_bytes": held, "used_pct": round(100.0 * held / budget, 1),
+        "compression_ratio": round(ratio[0] / ratio[1], 2) if ratio and ratio[1] else None,
         "bytes_per_day": fc["bytes_per_day"], "time_to_full_s": fc["time_to_full_s"],
         "time_to_full_days": None if fc["time_to_full_s"] is None else round(fc["time_to_full_s"] / 86_400, 1),
         "daily": fc["days"], "uplink": settings.uplink_url or None,
@@ -83,11 +86,13 @@ def outbox_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
         "per_day": f"{fc['bytes_per_day']:,} B/day", "full_in": "-" if ttf is None else f"{ttf} days",
         "uplink": f"{settings.uplink_url or '(none)'} {link[0] if link else ''}".strip()}]
     if held > budget:
-        report.problems.append(f"outbox holds {held} bytes, over its budget of {budget} bytes: only control and "
-                               "audit records are left and they are never dropped; restore the uplink")
+        report.problems.append(f"outbox holds {held} bytes, over its budget of {budget} bytes: only records that are "
+                               "never shed are left (control, audit counts, transitions, gap records); restore the "
+                               "uplink or raise [outbox] disk_budget_bytes (edge-agent plan tells by how much)")
     elif fc["time_to_full_s"] is not None and fc["time_to_full_s"] < 3 * 86_400 and held > budget / 2:
-        report.warnings.append(f"outbox will be full in about {fc['time_to_full_s'] / 3600:.0f} h at the current "
-                               "rate; telemetry will then be downsampled")
+        report.warnings.append(f"outbox budget lasts about {fc['time_to_full_s'] / 3600:.0f} h more at the current "
+                               "rate; then detail is shed (raw and 1-minute telemetry first), each range reported "
+                               "by a gap record")
 
 
 def kubeedge_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:

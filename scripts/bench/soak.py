@@ -41,8 +41,9 @@ READINGS_MAX_ROWS = 50_000
 def proc_sample(pid: int) -> dict[str, int]:
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    io = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines() if ":" in line)
     return {"rss_kib": int(fields["VmRSS"].split()[0]), "threads": int(fields["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+            "fds": len(os.listdir(f"/proc/{pid}/fd")), "write_bytes": int(io["write_bytes"])}
 
 
 def db_sample(state: Path) -> dict[str, int]:
@@ -53,8 +54,12 @@ def db_sample(state: Path) -> dict[str, int]:
         for table in ("readings", "decisions", "actuations", "module_runs"):
             row = conn.execute(f"SELECT max(rowid) FROM {table}").fetchone()  # cheap: no full count
             counts[f"{table}_max_id"] = int(row[0] or 0)
-        # what waits for the cloud (accounted bytes per row, incl. overhead): audit is never dropped
+        # what waits for the cloud (accounted bytes per row, incl. overhead)
         counts["outbox_bytes"] = int(conn.execute("SELECT coalesce(sum(bytes), 0) FROM outbox_classes").fetchone()[0])
+        # decisions made: the audit trail counts every one (full records are only part of them)
+        counts["decisions_made"] = int(conn.execute(
+            "SELECT (SELECT coalesce(sum(made), 0) FROM audit_keys) + "
+            "(SELECT coalesce(sum(full + rolled), 0) FROM audit_rollups)").fetchone()[0])
     except sqlite3.Error:
         pass
     finally:
@@ -161,6 +166,7 @@ def judge(samples: list[dict[str, Any]], args: argparse.Namespace, cuts: int, ex
         half[0]["db_bytes"] - half[0].get("outbox_bytes", 0))
     outbox_per_h = slope_per_hour([(s["t_s"], s.get("outbox_bytes", 0) / 2**20) for s in half])
     elapsed = samples[-1]["t_s"] - samples[0]["t_s"]
+    written_per_day = slope_per_hour([(s["t_s"], s["write_bytes"]) for s in warm]) * 24
     readings_rate = (samples[-1].get("readings_max_id", 0) - samples[0].get("readings_max_id", 0)) / max(1.0, elapsed)
     verdicts = {
         "rss": {"ok": rss_slope <= RSS_SLOPE_MAX_MIB_H,
@@ -176,7 +182,8 @@ def judge(samples: list[dict[str, Any]], args: argparse.Namespace, cuts: int, ex
     }
     return {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
             "minutes": args.minutes, "rate": args.rate, "broker_cuts": cuts, "verdicts": verdicts,
-            "outbox_mib_per_hour": round(outbox_per_h, 1),
+            "outbox_mib_per_hour": round(outbox_per_h, 1), "written_gib_per_day": round(written_per_day / 2**30, 2),
+            "decisions_made": samples[-1].get("decisions_made", 0),
             "samples": samples}
 
 
@@ -190,8 +197,9 @@ def show(result: dict[str, Any]) -> None:
               f"{s['db_bytes'] / 2**20:>8.1f} {s.get('outbox_bytes', 0) / 2**20:>10.1f} "
               f"{s.get('readings_max_id', 0):>10,} {s.get('decisions_max_id', 0):>10,}")
     print(f"\n{result['minutes']:g} min at {result['rate']:g} msg/s, {result['broker_cuts']} broker restarts; "
-          f"outbox backlog (no uplink) grows {result['outbox_mib_per_hour']:,} MiB/h: size [outbox] "
-          "disk_budget_bytes for the outage you plan (audit records are never dropped)")
+          f"{result['decisions_made']:,} decisions made; outbox backlog (no uplink) grows "
+          f"{result['outbox_mib_per_hour']:,} MiB/h; the daemon writes {result['written_gib_per_day']} GiB/day "
+          "to storage (flash wear, /proc/<pid>/io)")
     for name, v in result["verdicts"].items():
         print(f"  {'ok  ' if v['ok'] else 'FAIL'} {name:<11} {v['detail']}")
     print(f"wrote {OUT / 'soak.json'}")

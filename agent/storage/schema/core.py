@@ -41,4 +41,13 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # v4: boots seen, as small integers (rows keyed by boot clock keep a 4-byte number, not a 36-character id)
+    """
+    CREATE TABLE boots (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        boot_id TEXT NOT NULL UNIQUE,
+        first_wall REAL NOT NULL,
+        first_mono REAL NOT NULL
+    );
+    """,
 ]

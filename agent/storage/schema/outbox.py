@@ -6,6 +6,12 @@
   (wall, mono) pair each, so ages of older-boot records survive wall-clock jumps.
 - ``outbox_classes``: running totals per class (rows/bytes held; enqueued, sent, expired, dropped, thinned).
 - ``outbox_daily``: bytes written per day, for the bytes/day rate and the time-to-full forecast.
+
+v2: ``outbox.enc`` (0 = JSON text, 1 = zstandard-compressed JSON), ``kind`` (payload type) and
+``records`` (how many events, readings or decisions one row packs);
+``outbox_classes.handed_id`` (rows up to it were handed to the broker: never merged or dropped while
+in flight), ``plain_bytes`` / ``stored_bytes`` (payload bytes enqueued before / after compression, for
+the ratio); ``outbox_gaps``: what was shed under disk pressure, per kind.
 """
 
 MIGRATIONS: list[str] = [
@@ -47,6 +53,19 @@ MIGRATIONS: list[str] = [
         day TEXT PRIMARY KEY,
         bytes INTEGER NOT NULL DEFAULT 0,
         rows INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+    """
+    ALTER TABLE outbox ADD COLUMN enc INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT '';
+    ALTER TABLE outbox ADD COLUMN records INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE outbox_classes ADD COLUMN handed_id INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox_classes ADD COLUMN plain_bytes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE outbox_classes ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE outbox_gaps (
+        what TEXT PRIMARY KEY,
+        ranges INTEGER NOT NULL DEFAULT 0,
+        records INTEGER NOT NULL DEFAULT 0
     );
     """,
 ]

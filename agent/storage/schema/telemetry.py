@@ -6,6 +6,11 @@ Contracts other components rely on (add columns only by new migrations):
   (the last N inputs) and forwarded to the cloud through the outbox.
 - ``actuations``: what was published on the local broker for an allowed/modified decision.
 - ``events``: events/alerts emitted by modules; ``rejects``: malformed bus messages (acknowledged).
+
+v2, the bounded audit trail (``agent/control/audit.py``, ``docs/design.md``): ``decisions`` holds the
+decisions kept in full (``kept`` says why, ``win`` is their rollup window); every decision is counted in
+``audit_rollups`` (per open window and key) in the same transaction, sealed windows add to ``audit_keys``.
+v3, telemetry tiers: ``telemetry_rollups`` (1-minute and 1-hour buckets on the boot clock).
 """
 
 MIGRATIONS: list[str] = [
@@ -78,5 +83,84 @@ MIGRATIONS: list[str] = [
         error TEXT NOT NULL,
         wall REAL NOT NULL
     );
+    """,
+    """
+    ALTER TABLE decisions ADD COLUMN kept TEXT NOT NULL DEFAULT 'legacy';
+    ALTER TABLE decisions ADD COLUMN win INTEGER;
+    CREATE INDEX decisions_win ON decisions (win) WHERE win IS NOT NULL;
+    CREATE TABLE audit_keys (
+        id INTEGER PRIMARY KEY,
+        policy TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        subject TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        made INTEGER NOT NULL DEFAULT 0,
+        full INTEGER NOT NULL DEFAULT 0,
+        rolled INTEGER NOT NULL DEFAULT 0,
+        shed INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (policy, version, subject, outcome, reason)
+    );
+    CREATE TABLE audit_windows (
+        id INTEGER PRIMARY KEY,
+        boot INTEGER NOT NULL,
+        width_s REAL NOT NULL,
+        idx INTEGER NOT NULL,
+        part INTEGER NOT NULL DEFAULT 0,
+        state INTEGER NOT NULL DEFAULT 0,
+        sealed_id INTEGER NOT NULL DEFAULT 0,
+        first_wall REAL NOT NULL,
+        first_mono REAL NOT NULL,
+        last_wall REAL NOT NULL,
+        last_mono REAL NOT NULL,
+        UNIQUE (boot, width_s, idx)
+    );
+    CREATE INDEX audit_windows_state ON audit_windows (state, id);
+    CREATE TABLE audit_rollups (
+        win INTEGER NOT NULL,
+        key INTEGER NOT NULL,
+        full INTEGER NOT NULL DEFAULT 0,
+        rolled INTEGER NOT NULL DEFAULT 0,
+        first_wall REAL NOT NULL,
+        first_mono REAL NOT NULL,
+        last_wall REAL NOT NULL,
+        last_mono REAL NOT NULL,
+        d1 INTEGER NOT NULL DEFAULT 0,
+        d2 INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (win, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE audit_subjects (
+        subject TEXT PRIMARY KEY,
+        outcome TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        decision INTEGER NOT NULL,
+        wall REAL NOT NULL
+    );
+    CREATE TABLE audit_policies (
+        policy TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        boot INTEGER NOT NULL,
+        mono REAL NOT NULL,
+        wall REAL NOT NULL,
+        PRIMARY KEY (policy, version)
+    );
+    """,
+    """
+    CREATE TABLE telemetry_rollups (
+        res INTEGER NOT NULL,
+        boot INTEGER NOT NULL,
+        bucket INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        vmin REAL NOT NULL,
+        vmax REAL NOT NULL,
+        vsum REAL NOT NULL,
+        vlast REAL NOT NULL,
+        wall REAL NOT NULL,
+        packed INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (res, boot, bucket, device, metric)
+    ) WITHOUT ROWID;
+    CREATE INDEX telemetry_rollups_unpacked ON telemetry_rollups (res, boot, bucket) WHERE packed = 0;
     """,
 ]
