@@ -177,7 +177,7 @@ class Sim:
         self.compaction_cpu += time.process_time() - c0
 
 
-async def full_rate(hours: float, devices: int, work: Path) -> dict[str, Any]:
+async def full_rate(hours: float, devices: int, work: Path, progress: Path | None = None) -> dict[str, Any]:
     cfg = AgentConfig()
     clk = SimClock()
     state = work / "full"
@@ -201,6 +201,8 @@ async def full_rate(hours: float, devices: int, work: Path) -> dict[str, Any]:
             samples.append({"hour": round((s + 1) / 3600, 2), "db_bytes": db_files(state), "decisions": sim.decisions,
                             "written_bytes": write_bytes() - w0, "cpu_s": round(time.process_time() - c0, 1),
                             "wall_s": round(time.perf_counter() - t0, 1), **rows})
+            if progress is not None:  # a long run leaves its samples behind even if it is stopped
+                await asyncio.to_thread(progress.write_text, json.dumps({"partial": True, "samples": samples}) + "\n")
             print(f"  hour {samples[-1]['hour']:>3}: state {samples[-1]['db_bytes'] / MIB:8.1f} MiB, outbox "
                   f"{rows['outbox_held_bytes'] / MIB:7.1f} MiB, decisions {sim.decisions:,}, "
                   f"{samples[-1]['wall_s']:.0f} s", flush=True)
@@ -349,7 +351,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-outage-", dir=REPO / "var") as tmp:
         work = Path(tmp)
         if not args.skip_full:
-            result["full"] = asyncio.run(full_rate(args.hours, args.devices, work))
+            result["full"] = asyncio.run(full_rate(args.hours, args.devices, work,
+                                                   Path(args.out).with_suffix(".partial.json")))
         if not args.skip_month:
             result["month"] = asyncio.run(month(args.days, work))
     out = Path(args.out)
