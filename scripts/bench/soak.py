@@ -78,7 +78,7 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return 0.0 if var == 0 else sum((t - mx) * (v - my) for t, v in points) / var * 3600
 
 
-def write_config(path: Path, state: Path, broker: Broker) -> None:
+def write_config(path: Path, state: Path, broker: Broker, audit_window_s: float) -> None:
     path.write_text(f"""
 [agent]
 node_id = "soak-gateway"
@@ -97,6 +97,9 @@ reconnect_max_s = 2.0
 readings_max_rows = {READINGS_MAX_ROWS}
 decisions_max_rows = {READINGS_MAX_ROWS}
 retention_interval_s = 10.0
+
+[audit]
+window_s = {audit_window_s}
 """)
 
 
@@ -106,6 +109,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=200.0, help="sensor messages per second")
     ap.add_argument("--cut-every", type=float, default=120.0, help="restart the broker this often (0 = never)")
     ap.add_argument("--sample-every", type=float, default=5.0)
+    ap.add_argument("--audit-window", type=float, default=900.0,
+                    help="[audit] window_s (default: the default); shorter shows sealed windows in a short run")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     state, config = work / "state", work / "agent.toml"
@@ -116,7 +121,7 @@ def main() -> int:
     cuts = 0
     exit_code: int | None = None
     try:
-        write_config(config, state, broker)
+        write_config(config, state, broker, args.audit_window)
         sign_and_install(work, state, config)
         agent = AgentProcess(state, config)
         agent.wait_ready()
