@@ -12,6 +12,7 @@ from pathlib import Path
 import sqlite_utils
 
 from agent import __version__
+from agent.storage.store import kv_set
 from agent.storage.writer import WriteJob
 
 
@@ -79,8 +80,7 @@ def beat_job(state: str, status_text: str, wear: dict[str, object] | None = None
         db.execute("UPDATE daemon SET heartbeat_at = ?, state = ?, status_text = ? WHERE id = 1",
                    (now, state, status_text))
         if wear is not None:
-            db.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                       "value = excluded.value, updated_at = excluded.updated_at", (WEAR_KEY, json.dumps(wear), now))
+            kv_set(db.conn, WEAR_KEY, json.dumps(wear), now)
     return job
 
 

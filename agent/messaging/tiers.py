@@ -24,6 +24,7 @@ import sqlite_utils
 from agent.clock import PLAUSIBLE_WALL, Stamp
 from agent.config.telemetry import TelemetrySettings
 from agent.storage.boots import boot_number
+from agent.storage.store import kv_get, kv_set
 
 RESOLUTIONS = (60, 3600)
 #: A minute is rolled up this long after it ended (boot clock), so readings already queued land in it.
@@ -33,8 +34,7 @@ CHUNK = 20_000
 
 
 def rollup_cursor(conn: Any) -> int:
-    row = conn.execute("SELECT value FROM kv WHERE key = ?", (CURSOR,)).fetchone()
-    return int(row[0]) if row else 0
+    return int(kv_get(conn, CURSOR) or 0)
 
 
 def rollup_job(now: Stamp, chunk: int = CHUNK, upto: int | None = None) -> Callable[[sqlite_utils.Database], int]:
@@ -81,8 +81,7 @@ def rollup_job(now: Stamp, chunk: int = CHUNK, upto: int | None = None) -> Calla
             [(res, int(a[6]), bucket, device, metric, int(a[0]), a[1], a[2], a[3], a[4], a[5])
              for (res, _b, bucket, device, metric), a in agg.items()])
         if done != cursor:
-            conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                         "value = excluded.value, updated_at = excluded.updated_at", (CURSOR, str(done), now.wall))
+            kv_set(conn, CURSOR, str(done), now.wall)
         return done - cursor if rows and done != cursor else 0
     return job
 

@@ -14,14 +14,13 @@ from collections.abc import Mapping, Sequence
 
 from agent.errors import StorageError
 from agent.logs import get_logger
-from agent.storage.schema import core, fleet, outbox, policy, runtime, telemetry, trust
+from agent.storage.schema import core, fleet, outbox, runtime, telemetry, trust
 
 log = get_logger("storage")
 
 COMPONENTS: Mapping[str, Sequence[str]] = {
     "core": core.MIGRATIONS,
     "trust": trust.MIGRATIONS,
-    "policy": policy.MIGRATIONS,
     "runtime": runtime.MIGRATIONS,
     "telemetry": telemetry.MIGRATIONS,
     "outbox": outbox.MIGRATIONS,

@@ -99,10 +99,17 @@ def link_job(name: str, state: str, detail: str) -> WriteJob:
     return job
 
 
+def kv_set(conn: sqlite3.Connection, key: str, value: str, at: float | None = None) -> None:
+    """Inside a write job: set a small persisted fact (a cursor, a measured ratio, a marker), stamped
+    ``at`` (default: now)."""
+    conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE "
+                 "SET value = excluded.value, updated_at = excluded.updated_at",
+                 (key, value, time.time() if at is None else at))
+
+
 def kv_set_job(key: str, value: str) -> WriteJob:
     def job(db: sqlite_utils.Database) -> None:
-        db.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE "
-                   "SET value = excluded.value, updated_at = excluded.updated_at", (key, value, time.time()))
+        kv_set(db.conn, key, value)
     return job
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +50,7 @@ from agent.config.sync import OutboxSettings
 from agent.control.audit import P61, digest_hex, input_digest
 from agent.errors import AgentError
 from agent.logs import get_logger
+from agent.storage.store import kv_get, kv_set
 from agent.storage.writer import Writer
 from agent.sync import codec
 
@@ -230,8 +230,8 @@ def _delete_rows(conn: sqlite3.Connection, cls: int, ids: list[int], column: str
 
 
 def page_ratio(conn: sqlite3.Connection) -> float:
-    row = conn.execute("SELECT value FROM kv WHERE key = ?", (PAGE_RATIO_KEY,)).fetchone()
-    return float(row[0]) if row else DEFAULT_PAGE_RATIO
+    value = kv_get(conn, PAGE_RATIO_KEY)
+    return float(value) if value is not None else DEFAULT_PAGE_RATIO
 
 
 def measure_pages(path: Any) -> tuple[int, int]:
@@ -249,9 +249,7 @@ def page_ratio_job(pages: int, accounted: int) -> Any:
     """Remember how many real page bytes one accounted byte costs, so the budget bounds the real pages."""
     def job(db: sqlite_utils.Database) -> float:
         ratio = DEFAULT_PAGE_RATIO if accounted < 256 * 1024 else max(1.0, pages / accounted) * PAGE_RATIO_MARGIN
-        db.conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                        "value = excluded.value, updated_at = excluded.updated_at", (PAGE_RATIO_KEY, str(ratio),
-                                                                                     time.time()))
+        kv_set(db.conn, PAGE_RATIO_KEY, str(ratio))
         return ratio
     return job
 
@@ -531,13 +529,11 @@ def expire_job(settings: OutboxSettings, now: Stamp) -> Any:
 
 
 def set_cursor(conn: sqlite3.Connection, name: str, value: int) -> None:
-    conn.execute("INSERT INTO kv (key, value, updated_at) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                 "value = excluded.value, updated_at = excluded.updated_at", (name, str(value), time.time()))
+    kv_set(conn, name, str(value))
 
 
 def get_cursor(conn: sqlite3.Connection, name: str) -> int:
-    row = conn.execute("SELECT value FROM kv WHERE key = ?", (name,)).fetchone()
-    return int(row[0]) if row else 0
+    return int(kv_get(conn, name) or 0)
 
 
 def pull_events_job(budget: int, now: Stamp, max_wait_s: float, limit: int = 1000) -> Any:

@@ -1,3 +1,0 @@
-"""Schema of the policy component (owned by its package)."""
-
-MIGRATIONS: list[str] = []
