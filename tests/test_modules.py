@@ -463,9 +463,9 @@ def test_concurrent_runs_are_serialized_per_module_and_trial_saves_nothing(tmp_p
 
 def test_stdin_temp_file_fallback_and_oversized_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the C API's bytes-stdin (another wasmtime-py version), stdin goes through a temp file."""
-    from wasmtime import _ffi
+    from agent.wasm import wasi_io
 
-    monkeypatch.delattr(_ffi, "wasi_config_set_stdin_bytes")
+    monkeypatch.setattr(wasi_io, "stdin_bytes_setter", lambda: None)
 
     async def go() -> tuple[ModuleOutput, ModuleRunFailed]:
         store, rt = make_runtime(tmp_path, input_limit_bytes=4096)
@@ -515,12 +515,14 @@ def test_stdout_cap_is_exact_for_every_write_pattern_and_sink(memfd: bool, monke
 
     from agent.runtime import runner as R
     from agent.wasm.engine import shared_engine
+    from agent.wasm.wasi_io import MemfdSink
 
-    if memfd and not R.MEMFD_OUTPUT:
-        pytest.skip("no memfd output sink on this platform")
-    monkeypatch.setattr(R, "MEMFD_OUTPUT", memfd)
     engine = shared_engine()
     runner = R.ModuleRunner(engine)
+    if memfd and runner.native is None:
+        pytest.skip("no memfd output sink on this platform")
+    if not memfd:
+        runner.native = None
     cap = 300_000
 
     def run(total: int, chunk: int, fd: int = 1, exit_code: int = 0, limit: int = cap) -> R.RawRun:
@@ -536,7 +538,7 @@ def test_stdout_cap_is_exact_for_every_write_pattern_and_sink(memfd: bool, monke
         assert over.outcome == R.OUTPUT_TOO_LARGE, (chunk, over.outcome, over.error)
         assert over.stdout_bytes > cap and over.stdout == b""
     flood = run(64 << 20, 1 << 20)  # 64 MiB: refused writes, bounded memory, then a clean small run
-    assert flood.outcome == R.OUTPUT_TOO_LARGE and cap < flood.stdout_bytes <= cap + 1 + R._MemfdSink.SLACK
+    assert flood.outcome == R.OUTPUT_TOO_LARGE and cap < flood.stdout_bytes <= cap + 1 + MemfdSink.SLACK
     small = run(5, 5, limit=10)
     assert (small.outcome, small.stdout) == (R.OK, b"aaaaa")  # only this run's bytes, none left from the flood
     failed = run(3000, 700, fd=2, exit_code=4)

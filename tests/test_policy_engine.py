@@ -275,7 +275,7 @@ def test_concurrent_evaluations_and_atomic_swap() -> None:
 def test_optional_println_import_and_large_inputs_move_memory() -> None:
     plain = load(build("sandbox"))
     printing = load(build("sandbox", defines=("WITH_PRINTLN",)))
-    assert "opa_println" not in plain._shape.imports and "opa_println" in printing._shape.imports
+    assert "opa_println" not in plain.shape.imports and "opa_println" in printing.shape.imports
     assert printing.evaluate(None, "ok/print").raw == plain.evaluate(None, "ok/print").raw == [{"result": True}]
     for fast in (True, False):
         p = load(build("sandbox"), settings=settings(fast_calls=fast, max_output_bytes=8 << 20))
@@ -306,7 +306,7 @@ def test_code_cache_is_used_for_installed_artifacts(tmp_path: Path) -> None:
 
 def test_fast_path_unavailable_falls_back_to_public_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     from agent.wasm import calls
-    monkeypatch.setattr(calls, "FAST_AVAILABLE", False)
+    monkeypatch.setattr(calls, "fast_path", lambda: None)
     p = rbac(fast=True)
     assert isinstance(p._idle[0].calls, calls.PublicCalls)
     doc = {"user": "bob", "action": "read", "type": "finance"}

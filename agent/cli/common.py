@@ -24,7 +24,8 @@ class CliError(AgentError):
 
 
 Handler = Callable[[argparse.Namespace], int]
-Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+# argparse names the type of add_subparsers() only privately
+Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]  # noqa: SLF001
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:

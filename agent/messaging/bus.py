@@ -77,7 +77,7 @@ class BusMessage:
         if self._acked or self._bus is None:
             return self._acked
         self._acked = True
-        return self._bus._ack(self)
+        return self._bus._ack(self)  # noqa: SLF001 - a message and its bus are one unit (acks are per connection)
 
 
 @dataclass
@@ -307,7 +307,8 @@ class LocalBus:
 
     def _ack(self, msg: BusMessage) -> bool:
         conn = self._conn
-        if msg._generation != self._generation or conn is None or not conn.is_open:
+        # the message's connection generation: a message is acked only on the connection it came on
+        if msg._generation != self._generation or conn is None or not conn.is_open:  # noqa: SLF001 - same unit
             return False
         if msg.qos == 0:
             return True

@@ -318,8 +318,8 @@ async def open_connection(host: str, port: int, on_publish: OnPublish, *, client
     except OSError as exc:
         raise MqttError(f"cannot reach the local broker {host}:{port}: {exc.strerror or exc}") from exc
     conn.host = f"{host}:{port}"
-    conn._send(wire.connect_packet(client_id, clean_session=clean_session, keepalive_s=keepalive_s,
-                                   username=username, password=password))
+    conn._send(wire.connect_packet(  # noqa: SLF001 - the handshake is the connection's own first packet
+        client_id, clean_session=clean_session, keepalive_s=keepalive_s, username=username, password=password))
     try:
         async with asyncio.timeout(timeout_s):
             session_present = await conn.connack

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import calendar
 import hashlib
-import importlib
 import json
 import math
 import re
@@ -21,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from agent.policy import regex_screen
 from agent.policy.errors import BuiltinError
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext, Builtins
 
@@ -405,61 +405,6 @@ REGEX_MAX_PATTERN = 1024
 REGEX_MAX_TEXT = 8 * 1024
 REGEX_MAX_QUANTIFIERS = 8  # each ambiguous ? can double the work: a?a?a?…aaa is the textbook case
 
-try:  # the stdlib's own regex parser and compiler (private modules, present in 3.11-3.13)
-    _re_compiler: Any = importlib.import_module("re._compiler")
-    _re_c: Any = importlib.import_module("re._constants")
-    _re_parser: Any = importlib.import_module("re._parser")
-    _REPEATS = (_re_c.MAX_REPEAT, _re_c.MIN_REPEAT, _re_c.POSSESSIVE_REPEAT)
-    _NOT_RE2 = (_re_c.GROUPREF, _re_c.GROUPREF_EXISTS, _re_c.ASSERT, _re_c.ASSERT_NOT)
-    _GROUPS = (_re_c.SUBPATTERN, _re_c.ATOMIC_GROUP)
-    _REGEX_SCREEN = True
-except (ImportError, AttributeError):  # pragma: no cover - a Python without them: only the size caps apply
-    _REGEX_SCREEN = False
-
-
-def _regex_refuse(why: str) -> BuiltinError:
-    return BuiltinError(f"regex.split: pattern refused: {why} (Python's regex engine backtracks; "
-                        "rewrite the pattern, e.g. split on a literal and trim)")
-
-
-def _regex_walk(items: Any, inside_repeat: bool) -> tuple[int, int]:
-    """Check a parsed (sub)pattern: returns (quantifiers, repeating quantifiers, i.e. max > 1)."""
-    quantifiers = repeating = 0
-    for op, av in items:
-        if op in _NOT_RE2:
-            raise _regex_refuse("backreferences, lookaround and conditionals are not RE2 syntax")
-        if op in _REPEATS:
-            if inside_repeat:  # even ?: (?:a?a?)* matches a run of a's in exponentially many ways
-                raise _regex_refuse("a quantifier inside a repeating quantifier (like (a+)+ or (a?b?)*)")
-            q, r = _regex_walk(av[2], av[1] > 1)
-            quantifiers += 1 + q
-            repeating += (av[1] > 1) + r
-        elif op is _re_c.BRANCH:
-            if inside_repeat:
-                raise _regex_refuse("an alternation inside a repeating quantifier (like (a|ab)*)")
-            for alt in av[1]:
-                q, r = _regex_walk(alt, inside_repeat)
-                quantifiers, repeating = quantifiers + q, repeating + r
-        elif op in _GROUPS:
-            q, r = _regex_walk(av[-1], inside_repeat)
-            quantifiers, repeating = quantifiers + q, repeating + r
-    return quantifiers, repeating
-
-
-def _regex_check_sequence(top: Any) -> None:
-    """Repeating quantifiers in the top-level sequence: each later one needs a required literal,
-    which the previous one cannot match, between them (else the search goes cubic or worse)."""
-    prev: Any = None  # the body of the last repeating quantifier, compiled
-    for op, av in top.data:
-        if op in _REPEATS and av[1] > 1:
-            if prev is not None:
-                raise _regex_refuse("two repeating quantifiers without a literal between them that "
-                                    "the first cannot match (like a*a*b or .*,.*)")
-            prev = _re_compiler.compile(_re_parser.SubPattern(top.state, list(av[2])))
-        elif op is _re_c.LITERAL and prev is not None and not prev.fullmatch(chr(av)):
-            prev = None
-
-
 def _regex_compile(pattern: str) -> re.Pattern[str]:
     if len(pattern) > REGEX_MAX_PATTERN:
         raise BuiltinError(f"regex.split: pattern is {len(pattern)} characters, over the "
@@ -468,15 +413,10 @@ def _regex_compile(pattern: str) -> re.Pattern[str]:
         rx = re.compile(pattern)
     except re.error as exc:
         raise BuiltinError(f"regex.split: invalid pattern: {exc}") from exc
-    if _REGEX_SCREEN:
-        parsed = _re_parser.parse(pattern)
-        quantifiers, repeating = _regex_walk(parsed.data, False)
-        if quantifiers > REGEX_MAX_QUANTIFIERS:
-            raise _regex_refuse(f"{quantifiers} quantifiers, over the limit of {REGEX_MAX_QUANTIFIERS}")
-        if repeating > 1:
-            if sum(op in _REPEATS and av[1] > 1 for op, av in parsed.data) != repeating:
-                raise _regex_refuse("several repeating quantifiers, some inside groups or alternations")
-            _regex_check_sequence(parsed)
+    why = regex_screen.refusal(pattern, max_quantifiers=REGEX_MAX_QUANTIFIERS)
+    if why is not None:
+        raise BuiltinError(f"regex.split: pattern refused: {why} (Python's regex engine backtracks; "
+                           "rewrite the pattern, e.g. split on a literal and trim)")
     return rx
 
 

@@ -48,18 +48,15 @@ import wasmtime
 
 from agent.config.policy import PolicySettings
 from agent.logs import get_logger
+from agent.policy import json_encoder
 from agent.policy.errors import BuiltinError, PolicyEvalError, PolicyLoadError
 from agent.policy.registry_builtins import UNDEFINED, BuiltinContext, Builtins
-from agent.wasm import calls as _calls_mod
+from agent.wasm import calls as wasm_calls
 from agent.wasm.bundle import BundleError, is_bundle, read_bundle
 from agent.wasm.calls import (
-    _MEM_DATA,
-    _MEM_SIZE,
-    _SET_DEADLINE,
     FastCalls,
     OutputTooLarge,
     PublicCalls,
-    _memmove,
     define_host_func,
     forget_host_exception,
     make_calls,
@@ -72,9 +69,10 @@ log = get_logger("policy")
 
 PAGE = 65536
 _I32 = wasmtime.ValType.i32()
-_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_ENCODE = json_encoder.ENCODE
 _DECODE = json.JSONDecoder().decode
 _PACK_EVAL_ARGS = struct.Struct("<" + "i12x" * 7).pack_into
+_memmove = wasm_calls.memmove
 LATENCY_BUCKETS_US = (10, 20, 30, 50, 70, 100, 200, 500, 1000, 5000, 20000, 100000)
 
 
@@ -194,9 +192,9 @@ class _Instance:
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
-        shape = policy._shape
+        shape = policy.shape
         settings = policy.settings
-        self.generation = policy._generation
+        self.generation = policy.data_generation
         self.bctx = BuiltinContext(now_ns=time.time_ns())
         # a host import's real exception (the first one of the failing call) and the marker raised for
         # it into wasmtime-py; set before instantiating: the start function may already call opa_abort
@@ -207,19 +205,19 @@ class _Instance:
         self.deadline_ns = _perf_ns() + int(SETUP_DEADLINE_S * 1e9)
         self.builtin_ns = 0
         self.ready_ns = 0  # when data was last (re)loaded: a fresh instance's deadline starts there
-        self.store = policy._wasm.new_store()
+        self.store = policy.wasm.new_store()
         cap = settings.memory_limit_mb * 1024 * 1024
         self.store.set_limits(memory_size=cap)
         max_pages = max(shape.mem_min, cap // PAGE)
         self.memory = wasmtime.Memory(self.store, wasmtime.MemoryType(wasmtime.Limits(shape.mem_min, max_pages)))
-        linker = wasmtime.Linker(policy._wasm.engine)
+        linker = wasmtime.Linker(policy.wasm.engine)
         linker.define(self.store, "env", "memory", self.memory)
         self._define_imports(linker, shape.imports)
         self.calls: FastCalls | PublicCalls | None = None
         # the start function is guest code too: a signed policy that loops there must not hang the agent
-        self.store.set_epoch_deadline(policy._wasm.ticks_for(SETUP_DEADLINE_S))
+        self.store.set_epoch_deadline(policy.wasm.ticks_for(SETUP_DEADLINE_S))
         try:
-            inst = linker.instantiate(self.store, policy._module)
+            inst = linker.instantiate(self.store, policy.module)
         except Exception as failed:
             exc = self.resolve_failure(failed)
             if isinstance(exc, _Abort):
@@ -248,18 +246,19 @@ class _Instance:
 
     # -- imports ---------------------------------------------------------------------------------
     def _define_imports(self, linker: wasmtime.Linker, imports: set[str]) -> None:
-        if self.policy.settings.fast_calls and _calls_mod.FAST_AVAILABLE:  # read late: tests patch it
+        path = wasm_calls.fast_path() if self.policy.settings.fast_calls else None
+        if path is not None:
             # raw callbacks: a failure is recorded here and never goes through wasmtime-py's global slot
             self._host_cbs: list[Any] = []
             if "opa_abort" in imports:
-                define_host_func(linker, "opa_abort", params=1, results=0, fn=self._abort_now,
+                define_host_func(path, linker, "opa_abort", params=1, results=0, fn=self._abort_now,
                                  failed=self._record, keep=self._host_cbs)
             if "opa_println" in imports:
-                define_host_func(linker, "opa_println", params=1, results=0, fn=self._println_now,
+                define_host_func(path, linker, "opa_println", params=1, results=0, fn=self._println_now,
                                  failed=self._record, keep=self._host_cbs)
             for n in range(5):
                 if f"opa_builtin{n}" in imports:
-                    define_host_func(linker, f"opa_builtin{n}", params=n + 2, results=1, fn=self._builtin,
+                    define_host_func(path, linker, f"opa_builtin{n}", params=n + 2, results=1, fn=self._builtin,
                                      failed=self._record, keep=self._host_cbs)
             return
         if "opa_abort" in imports:
@@ -339,8 +338,8 @@ class _Instance:
         calls = self.calls
         if calls is None:
             raise BuiltinError(f"policy called builtin id {bid} before it was loaded")
-        name = self.policy._shape.builtin_names.get(bid)
-        fn = self.policy._builtin_fns.get(bid)
+        name = self.policy.shape.builtin_names.get(bid)
+        fn = self.policy.builtin_fns.get(bid)
         if name is None or fn is None:
             raise BuiltinError(f"policy called builtin id {bid}, which is not in its builtins() table")
         # the epoch cannot interrupt Python: never start a builtin once the evaluation's time is up
@@ -382,7 +381,7 @@ class _Instance:
 
     def read_map(self, export: str) -> dict[str, Any]:
         assert self.calls is not None
-        self.calls.set_deadline(self.policy._wasm.ticks_for(SETUP_DEADLINE_S))
+        self.calls.set_deadline(self.policy.wasm.ticks_for(SETUP_DEADLINE_S))
         addr = self.calls.call(export)
         text = self.calls.read_cstr(self.calls.call("opa_json_dump", addr), 1 << 20)
         value = json.loads(text)
@@ -394,7 +393,7 @@ class _Instance:
         """Initial heap pointer, parse data, stash (1.3), snapshot (docs/design.md, "Loading an instance")."""
         calls = self.calls
         assert calls is not None
-        calls.set_deadline(self.policy._wasm.ticks_for(SETUP_DEADLINE_S))
+        calls.set_deadline(self.policy.wasm.ticks_for(SETUP_DEADLINE_S))
         if not self.initial_heap_ptr:
             calls.call("opa_malloc", 0)
             self.initial_heap_ptr = calls.call("opa_heap_ptr_get")
@@ -411,7 +410,7 @@ class _Instance:
         if "opa_heap_blocks_stash" in self.funcs:
             calls.call("opa_heap_blocks_stash")
         self.data_heap_ptr = calls.call("opa_heap_ptr_get")  # always re-read after a data change
-        self.generation = self.policy._generation
+        self.generation = self.policy.data_generation
         self.ready_ns = _perf_ns()
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -421,15 +420,15 @@ class _Instance:
         n = len(blob)
         addr = self.data_heap_ptr
         if isinstance(calls, FastCalls):
-            ctx, mem = calls.ctx_addr, calls.mem_addr
-            if addr + n + 8 > _MEM_SIZE(ctx, mem):
-                self._grow(addr + n + 8 - _MEM_SIZE(ctx, mem))
+            ctx, mem, size_of = calls.ctx_addr, calls.mem_addr, calls.mem_size_of
+            if addr + n + 8 > size_of(ctx, mem):
+                self._grow(addr + n + 8 - size_of(ctx, mem))
             if n:
-                _memmove(_MEM_DATA(ctx, mem) + addr, blob, n)  # base re-read: memory may have moved
+                _memmove(calls.mem_data(ctx, mem) + addr, blob, n)  # base re-read: memory may have moved
             buf = calls.buffer()
             # the 7 i32 arguments of opa_eval in one struct write (each raw value is 16 bytes)
             _PACK_EVAL_ARGS(buf, 0, 0, ep, self.data_addr, addr, n, addr + n, 0)
-            _SET_DEADLINE(ctx, ticks)
+            calls.set_deadline_of(ctx, ticks)
             return calls.read_cstr(calls.call_ref(self.eval_ref, buf), limit)
         assert calls is not None
         size = calls.mem_size()
@@ -473,6 +472,8 @@ class Policy:
 
     Swap it as a whole reference (see ``PolicyRegistry``); never mutate a Policy in service except
     through :meth:`set_data`, which later evaluations pick up (in-flight ones finish on the old data).
+    ``module``, ``wasm`` (the engine), ``shape``, ``builtin_fns`` and ``data_generation`` are what its
+    instances are built from; they are set at load and read, never changed, from outside.
     """
 
     def __init__(self, module: wasmtime.Module, *, data: dict[str, Any] | None, settings: PolicySettings,
@@ -483,22 +484,22 @@ class Policy:
         self.settings = settings
         self.sha256 = sha256
         self.stats = PolicyStats()
-        self._wasm = wasm or shared_engine()
-        self._module = module
-        self._shape = _Shape(module)
-        self._generation = 0
+        self.wasm = wasm or shared_engine()
+        self.module = module
+        self.shape = _Shape(module)
+        self.data_generation = 0
         self._data_blob = self._encode_data(data)
         self._idle: list[_Instance] = []
         self._lock = threading.Lock()
         self._builtins = builtins
-        self._builtin_fns: dict[int, Any] = {}
-        self._ticks = self._wasm.ticks_for(settings.eval_deadline_ms / 1000.0)
+        self.builtin_fns: dict[int, Any] = {}
+        self._ticks = self.wasm.ticks_for(settings.eval_deadline_ms / 1000.0)
         self._deadline_ns = settings.eval_deadline_ms * 1_000_000
         first = self._new_instance(probe=True)
         major, minor = first.abi()
         if major != 1:
             raise PolicyLoadError(f"policy uses OPA Wasm ABI {major}.{minor}; this agent supports 1.x only")
-        self._shape.major, self._shape.minor = major, minor
+        self.shape.major, self.shape.minor = major, minor
         self.fast_path = minor >= 2 and "opa_eval" in first.funcs
         missing = [n for n in _REQUIRED if n not in first.funcs]
         if missing:
@@ -508,22 +509,22 @@ class Policy:
             emap = first.read_map("entrypoints")
         except (*_GUEST_FAILED, OutputTooLarge, ValueError) as exc:
             raise PolicyLoadError(f"policy's builtins()/entrypoints() failed: {exc}") from exc
-        self._shape.builtin_names = {int(v): str(k) for k, v in bmap.items()}
+        self.shape.builtin_names = {int(v): str(k) for k, v in bmap.items()}
         lacking = sorted(n for n in bmap if n not in builtins)
         if lacking:
             raise PolicyLoadError(f"policy needs builtin(s) this agent does not provide: {', '.join(lacking)}; "
                                   "rebuild the policy without them or upgrade the agent",
                                   code="policy_builtin_missing")
-        self._builtin_fns = {int(v): builtins.get(str(k)) for k, v in bmap.items()}
-        self._shape.entrypoints = {str(k): int(v) for k, v in emap.items()}
-        unknown = [e for e in manifest_entrypoints if e not in self._shape.entrypoints]
+        self.builtin_fns = {int(v): builtins.get(str(k)) for k, v in bmap.items()}
+        self.shape.entrypoints = {str(k): int(v) for k, v in emap.items()}
+        unknown = [e for e in manifest_entrypoints if e not in self.shape.entrypoints]
         if unknown:
             raise PolicyLoadError(f"bundle manifest names entrypoint(s) {unknown} that policy.wasm does not "
-                                  f"export (it has {sorted(self._shape.entrypoints)})")
+                                  f"export (it has {sorted(self.shape.entrypoints)})")
         if manifest_entrypoints:
             self.default_entrypoint = manifest_entrypoints[0]
         else:
-            by_id = sorted(self._shape.entrypoints.items(), key=lambda kv: kv[1])
+            by_id = sorted(self.shape.entrypoints.items(), key=lambda kv: kv[1])
             self.default_entrypoint = by_id[0][0] if by_id else ""
         try:
             first.load_data(self._data_blob)
@@ -531,21 +532,21 @@ class Policy:
             raise PolicyLoadError(f"policy failed to load its data document: {exc}") from exc
         self._idle.append(first)
         log.info("policy_loaded", policy=name, version=version, abi=f"{major}.{minor}", fast_path=self.fast_path,
-                 entrypoints=len(self._shape.entrypoints), builtins=sorted(bmap))
+                 entrypoints=len(self.shape.entrypoints), builtins=sorted(bmap))
 
     # -- public ----------------------------------------------------------------------------------
     @property
     def entrypoints(self) -> dict[str, int]:
         """Entrypoint path → id, as the module's ``entrypoints()`` gives them."""
-        return dict(self._shape.entrypoints)
+        return dict(self.shape.entrypoints)
 
     @property
     def abi_version(self) -> tuple[int, int]:
-        return (self._shape.major, self._shape.minor)
+        return (self.shape.major, self.shape.minor)
 
     @property
     def required_builtins(self) -> list[str]:
-        return sorted(self._shape.builtin_names.values())
+        return sorted(self.shape.builtin_names.values())
 
     def evaluate(self, input: Any = NO_INPUT, entrypoint: str | None = None) -> ResultSet:
         """Evaluate one input; raise PolicyEvalError (the instance is then discarded)."""
@@ -570,13 +571,13 @@ class Policy:
         start = time.perf_counter_ns()
         stats = self.stats
         ep_name = entrypoint or self.default_entrypoint  # None or "" = the default entrypoint
-        ep = self._shape.entrypoints.get(ep_name)
+        ep = self.shape.entrypoints.get(ep_name)
         if ep is None:
             self._count_error("unknown_entrypoint")
             raise PolicyEvalError(f"policy {self.name} has no entrypoint {ep_name!r}; it has "
-                                  f"{sorted(self._shape.entrypoints)}", code="unknown_entrypoint")
+                                  f"{sorted(self.shape.entrypoints)}", code="unknown_entrypoint")
         inst = self._acquire()
-        if self._builtin_fns:  # one time.now_ns per evaluation, fresh per-eval caches, builtin deadline
+        if self.builtin_fns:  # one time.now_ns per evaluation, fresh per-eval caches, builtin deadline
             inst.bctx = BuiltinContext(now_ns=time.time_ns())
             ready = inst.ready_ns  # a freshly built instance: its deadline starts once it is ready
             inst.deadline_ns = (start if start > ready else ready) + self._deadline_ns
@@ -613,13 +614,13 @@ class Policy:
         blob = self._encode_data(data)
         with self._lock:
             self._data_blob = blob
-            self._generation += 1
+            self.data_generation += 1
 
     def close(self) -> None:
         """Drop idle instances (in-flight ones are dropped when they come back)."""
         with self._lock:
             self._idle.clear()
-            self._generation += 1
+            self.data_generation += 1
 
     # -- internals -------------------------------------------------------------------------------
     @staticmethod
@@ -658,8 +659,8 @@ class Policy:
             inst = self._idle.pop()
         except IndexError:
             return self._new_instance()
-        if inst.generation != self._generation:
-            if self._shape.minor >= 3:  # 1.3: full data replace in place (stash clear + reset + reload)
+        if inst.generation != self.data_generation:
+            if self.shape.minor >= 3:  # 1.3: full data replace in place (stash clear + reset + reload)
                 try:
                     inst.load_data(self._data_blob)
                     return inst
@@ -669,7 +670,7 @@ class Policy:
         return inst
 
     def _release(self, inst: _Instance) -> None:
-        if inst.generation == self._generation and len(self._idle) < self.settings.pool_size:
+        if inst.generation == self.data_generation and len(self._idle) < self.settings.pool_size:
             self._idle.append(inst)
 
     def _discard(self, inst: _Instance) -> None:
@@ -715,31 +716,10 @@ class Policy:
         return PolicyEvalError(f"policy {self.name} v{self.version}: {msg}", code=code)
 
 
-def _not_json(o: Any) -> Any:
-    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
-
-
-# the C encoder JSONEncoder.encode builds per call, built once (no cycle check: a cyclic input ends in
-# RecursionError, reported as bad input like any other unencodable one): ~1 µs less per decision
-def _c_encoder() -> Any:
-    make: Any = getattr(json.encoder, "c_make_encoder", None)
-    try:
-        enc = make(None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False)
-        probe = {"a": [1, 2.5, None, True, "\u00e9"]}
-        return enc if "".join(enc(probe, 0)) == _ENCODE(probe) else None
-    except Exception:  # no C accelerator, or another signature in this Python: the plain encoder
-        return None
-
-
-_C_ENCODE = _c_encoder()
-
-
 def encode_input(input: Any) -> bytes:
     """An evaluation input as the compact JSON the engine hands the guest (ASCII, no NaN / Infinity)."""
     try:
-        if _C_ENCODE is not None:
-            return "".join(_C_ENCODE(input, 0)).encode()
-        return _ENCODE(input).encode()
+        return json_encoder.encode(input)
     except (TypeError, ValueError, RecursionError) as exc:
         raise PolicyEvalError(f"input is not JSON-serialisable: {exc}", code="bad_input") from exc
 

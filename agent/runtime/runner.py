@@ -10,23 +10,18 @@ so the caller records it and carries on. Call :meth:`ModuleRunner.execute` via `
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
-import fcntl
-import os
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import wasmtime
 
 from agent.logs import get_logger
+from agent.wasm import wasi_io
 from agent.wasm.engine import WasmEngine
+from agent.wasm.wasi_io import MemfdSink
 
 log = get_logger("modules")
 
@@ -34,7 +29,7 @@ WASM_PAGE = 65536
 WASI = "wasi_snapshot_preview1"
 ERRNO_NOTSUP = 58  # WASI preview1 errno "not supported"
 TABLE_ELEMENTS_MAX = 1 << 16  # function-pointer tables of real C modules are far smaller
-STDERR_KEPT = 2048
+STDERR_KEPT = wasi_io.STDERR_KEPT
 
 # outcome codes (stable: stored in module_runs.outcome and reported to the fleet)
 OK = "ok"
@@ -104,197 +99,6 @@ class _CappedSink:
         return b"".join(self.parts)
 
 
-class _MemfdSink:
-    """stdout/stderr as an anonymous memory file that wasmtime's WASI thread fills with libc ``write``.
-
-    Why: a Python callback sink (``stdout_custom``) makes wasmtime's I/O thread take the GIL for every
-    guest write, queueing behind the event loop (measured: a thermostat run writes 3 times; the run's
-    wall time under load dropped ~15 % without the callbacks). Here no guest write touches Python.
-
-    The cap: the file is ``cap + 1 + SLACK`` bytes and sealed against growing (F_SEAL_GROW), so a write
-    past its end fails (the guest gets an I/O error, as with the callback sink) and memory stays
-    bounded. The kernel refuses at most the one chunk (≤ a huge page ≤ SLACK) that crosses the end,
-    so whenever a write was refused more than ``cap`` bytes were written: ``overflow`` is exact.
-    One pair per thread, reused run after run (runs on one thread never overlap); the offset is reset
-    per run and only the bytes this run wrote are read; a big output's pages are punched out after.
-    """
-
-    SLACK = 4 << 20
-    KEEP = 256 * 1024  # pages kept resident between runs; larger outputs are released after the run
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.fd = os.memfd_create("edge-agent-module-output", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            os.ftruncate(self.fd, size)
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-        except OSError:
-            os.close(self.fd)
-            raise
-        self.cap = 0
-
-    def __del__(self) -> None:  # the thread that owned it has ended: no run can write to it any more
-        fd, self.fd = getattr(self, "fd", -1), -1
-        if fd >= 0:
-            with contextlib.suppress(Exception):  # also at interpreter shutdown
-                os.close(fd)
-
-    def start(self, cap: int, wasi: wasmtime.WasiConfig, stream: str) -> None:
-        self.cap = cap
-        if _LSEEK(self.fd, 0, os.SEEK_SET) != 0:
-            raise OSError(ctypes.get_errno(), "lseek on the module output file failed")
-        setter = _SET_STDOUT if stream == "stdout" else _SET_STDERR
-        setter(wasi.ptr(), _WRITE, self.fd, _NO_FINALIZER)
-
-    @property
-    def attempted(self) -> int:
-        """Bytes the guest wrote (when it overflowed: more than ``cap``, fewer than it tried)."""
-        return max(0, int(_LSEEK(self.fd, 0, os.SEEK_CUR)))
-
-    @property
-    def overflow(self) -> bool:
-        return self.attempted > self.cap
-
-    def value(self) -> bytes:
-        n = min(self.attempted, self.cap)
-        if n == 0:
-            return b""
-        buf = ctypes.create_string_buffer(n)
-        got = _PREAD(self.fd, buf, n, 0)
-        if got != n:
-            raise OSError(ctypes.get_errno(), f"reading the module output file gave {got} of {n} bytes")
-        return buf.raw
-
-    def release(self) -> None:
-        """After a run: give back the pages of a big output (the file keeps its size and seals)."""
-        if self.attempted > self.KEEP:
-            _FALLOCATE(self.fd, _PUNCH_HOLE, 0, self.size)
-
-
-class _MemfdSinks(threading.local):
-    out: _MemfdSink | None = None
-    err: _MemfdSink | None = None
-
-
-_memfd_sinks = _MemfdSinks()
-
-
-def _native_sinks(stdout_cap: int) -> tuple[_MemfdSink, _MemfdSink] | None:
-    """This thread's (stdout, stderr) memory files, sized for ``stdout_cap``; None where unsupported."""
-    if not MEMFD_OUTPUT:
-        return None
-    local = _memfd_sinks
-    if local.out is None or local.out.size < stdout_cap + 1 + _MemfdSink.SLACK:
-        local.out = _MemfdSink(stdout_cap + 1 + _MemfdSink.SLACK)
-    if local.err is None:
-        local.err = _MemfdSink(STDERR_KEPT + 1 + _MemfdSink.SLACK)
-    return local.out, local.err
-
-
-def _memfd_output_available() -> bool:
-    try:
-        from wasmtime import _ffi
-
-        global _SET_STDOUT, _SET_STDERR, _WRITE, _NO_FINALIZER, _LSEEK, _PREAD, _FALLOCATE
-        libc = ctypes.CDLL(None, use_errno=True)
-
-        def _addr(fn: Any) -> int:
-            value = ctypes.cast(fn, ctypes.c_void_p).value
-            if value is None:
-                raise AttributeError("null function pointer")
-            return int(value)
-
-        callback = ctypes.CFUNCTYPE(ctypes.c_ssize_t, ctypes.c_void_p, ctypes.POINTER(ctypes.c_ubyte),
-                                    ctypes.c_size_t)
-        # libc write(fd, buf, n) has the callback's shape (data, buf, n) -> ssize_t when data is the fd
-        # (64-bit ABIs pass both in the first integer register); it returns -1 on error, which
-        # wasmtime reports to the guest as a failed write
-        _WRITE = callback(_addr(libc.write))
-        _NO_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)()
-        _SET_STDOUT = _ffi.wasi_config_set_stdout_custom
-        _SET_STDERR = _ffi.wasi_config_set_stderr_custom
-        # these keep the GIL (PYFUNCTYPE): a syscall of a few µs is cheaper than queueing to retake it
-        _LSEEK = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int)(
-            _addr(libc.lseek))
-        _PREAD = ctypes.PYFUNCTYPE(ctypes.c_ssize_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t,
-                                   ctypes.c_int64)(_addr(libc.pread))
-        _FALLOCATE = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)(
-            _addr(libc.fallocate))
-        _check_memfd_output()
-    except (ImportError, AttributeError, OSError, wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-        log.info("module_output_callback_sink", reason=f"{type(exc).__name__}: {exc}")
-        return False
-    return True
-
-
-# a WASI guest that writes "memfd-ok" + "!" to stdout in two calls: the start-up proof of the memfd sink
-_CHECK_WAT = """(module
-  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 32) "memfd-ok!")
-  (func (export "_start")
-    (i32.store (i32.const 0) (i32.const 32)) (i32.store (i32.const 4) (i32.const 8))
-    (i32.store (i32.const 8) (i32.const 40)) (i32.store (i32.const 12) (i32.const 1))
-    (drop (call $write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16)))
-    (drop (call $write (i32.const 1) (i32.const 8) (i32.const 1) (i32.const 16)))))"""
-
-
-def _check_memfd_output() -> None:
-    """Run a real guest through the memfd sink once per process (a private engine, ~10 ms) and
-    compare the bytes, including the cap: the ABI trick above must be proven on this machine
-    (x86-64 and ARM64 alike) before any module's output depends on it."""
-    engine = wasmtime.Engine()
-    linker = wasmtime.Linker(engine)
-    linker.define_wasi()
-    module = wasmtime.Module(engine, _CHECK_WAT)
-    for cap, expect, overflow in ((9, b"memfd-ok!", False), (8, b"memfd-ok", True)):
-        sink = _MemfdSink(cap + 1 + _MemfdSink.SLACK)
-        store = wasmtime.Store(engine)
-        wasi = wasmtime.WasiConfig()
-        sink.start(cap, wasi, "stdout")
-        store.set_wasi(wasi)
-        start = linker.instantiate(store, module).exports(store)["_start"]
-        assert isinstance(start, wasmtime.Func)
-        start(store)
-        got = (sink.value(), sink.overflow)
-        del sink
-        if got != (expect, overflow):
-            raise OSError(errno.EIO, f"the memfd output sink gave {got!r}, expected {(expect, overflow)!r}")
-
-
-_PUNCH_HOLE = 0x03  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-_SET_STDOUT: Any = None
-_SET_STDERR: Any = None
-_WRITE: Any = None
-_NO_FINALIZER: Any = None
-_LSEEK: Any = None
-_PREAD: Any = None
-_FALLOCATE: Any = None
-MEMFD_OUTPUT = (sys.platform == "linux" and ctypes.sizeof(ctypes.c_void_p) == 8 and hasattr(os, "memfd_create")
-                and _memfd_output_available())
-
-
-def _set_stdin(wasi: wasmtime.WasiConfig, data: bytes, tmp: list[Path]) -> None:
-    """Hand ``data`` to the guest's stdin: the C API's bytes call if present, else a temp file.
-
-    wasmtime-py 50 has no public bytes-stdin; the C function takes ownership of the vector.
-    """
-    from wasmtime import _ffi as ffi
-
-    setter = getattr(ffi, "wasi_config_set_stdin_bytes", None)
-    if setter is not None:
-        vec = ffi.wasm_byte_vec_t()
-        buf = ctypes.create_string_buffer(data, len(data))
-        ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), ctypes.cast(buf, ctypes.POINTER(ctypes.c_ubyte)))
-        setter(wasi.ptr(), ctypes.byref(vec))
-        return
-    fd, name = tempfile.mkstemp(prefix="ea-stdin-")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    tmp.append(Path(name))
-    wasi.stdin_file = name
-
-
 class ModuleRunner:
     """Runs compiled modules on the shared engine. Thread-safe: every run has its own Store."""
 
@@ -302,6 +106,9 @@ class ModuleRunner:
         self.engine = engine
         self._linker_lock = threading.Lock()
         self._linker: wasmtime.Linker | None = None
+        # the memory-file output sink, proven with a real guest when the first runner is built (once per
+        # process); None: output goes through the Python callback sink
+        self.native = wasi_io.memfd_native()
 
     def _get_linker(self) -> wasmtime.Linker:
         with self._linker_lock:
@@ -324,11 +131,10 @@ class ModuleRunner:
         """Run ``module``'s ``_start`` once. Blocking; returns a :class:`RawRun` for every guest outcome."""
         perms = permissions or Permissions()
         started = time.perf_counter()
-        out: _CappedSink | _MemfdSink
-        err: _CappedSink | _MemfdSink
-        native = _native_sinks(limits.stdout_bytes)
-        if native is not None:
-            out, err = native
+        out: _CappedSink | MemfdSink
+        err: _CappedSink | MemfdSink
+        if self.native is not None:
+            out, err = wasi_io.native_sinks(self.native, limits.stdout_bytes)
         else:
             out, err = _CappedSink(limits.stdout_bytes), _CappedSink(STDERR_KEPT)
         tmp: list[Path] = []
@@ -338,8 +144,8 @@ class ModuleRunner:
         try:
             wasi = wasmtime.WasiConfig()
             wasi.argv = ["module"]
-            _set_stdin(wasi, stdin, tmp)
-            if isinstance(out, _MemfdSink) and isinstance(err, _MemfdSink):
+            wasi_io.set_stdin(wasi, stdin, tmp)
+            if isinstance(out, MemfdSink) and isinstance(err, MemfdSink):
                 out.start(limits.stdout_bytes, wasi, "stdout")
                 err.start(STDERR_KEPT, wasi, "stderr")
             else:
@@ -366,7 +172,7 @@ class ModuleRunner:
         result.stdout_bytes = out.attempted
         result.duration_ms = (time.perf_counter() - started) * 1000
         result.stderr = err.value().decode("utf-8", errors="replace")
-        if isinstance(out, _MemfdSink) and isinstance(err, _MemfdSink):
+        if isinstance(out, MemfdSink) and isinstance(err, MemfdSink):
             out.release()
             err.release()
         if result.outcome not in (OK, OUTPUT_TOO_LARGE) and result.stderr:
@@ -408,7 +214,7 @@ class ModuleRunner:
         return instance, start
 
     def _call(self, store: wasmtime.Store, instance: wasmtime.Instance, start: wasmtime.Func,
-              limits: Limits, out: _CappedSink | _MemfdSink) -> RawRun:
+              limits: Limits, out: _CappedSink | MemfdSink) -> RawRun:
         exit_code = 0
         try:
             start(store)
@@ -429,7 +235,7 @@ class ModuleRunner:
         return RawRun(OK, stdout=out.value(), exit_code=0)
 
     def _classify_trap(self, store: wasmtime.Store, instance: wasmtime.Instance, exc: wasmtime.Trap,
-                       limits: Limits, out: _CappedSink | _MemfdSink) -> RawRun:
+                       limits: Limits, out: _CappedSink | MemfdSink) -> RawRun:
         code = exc.trap_code
         if out.overflow:  # the root cause, even if it then ran into its deadline
             return RawRun(OUTPUT_TOO_LARGE, f"the module wrote more than {limits.stdout_bytes} bytes on stdout "

@@ -70,6 +70,13 @@ def get_release(conn: sqlite3.Connection, release_id: int) -> Release | None:
     return None if row is None else Release.from_row(row)
 
 
+def previous_release(conn: sqlite3.Connection, kind: str, name: str) -> Release | None:
+    """The release a rollback of ``kind``/``name`` would re-activate."""
+    row = conn.execute(f"SELECT {_COLS} FROM releases WHERE kind = ? AND name = ? AND state = 'previous'",
+                       (kind, name)).fetchone()
+    return None if row is None else Release.from_row(row)
+
+
 def active_release(conn: sqlite3.Connection, kind: str, name: str) -> Release | None:
     row = conn.execute(f"SELECT {_COLS} FROM releases WHERE kind = ? AND name = ? AND state = 'active'",
                        (kind, name)).fetchone()

@@ -28,7 +28,7 @@ import sqlite_utils
 from agent.trust.errors import DigestMismatch, KeysetRejected, TrustError
 from agent.trust.keys import PrivateKey, load_public_pem
 from agent.trust.signer import sign_statement
-from agent.trust.truststore import ROLES, TrustedKey, TrustSet, _insert_key, check_scope, load_trust_set
+from agent.trust.truststore import ROLES, TrustedKey, TrustSet, check_scope, load_trust_set, upsert_key
 from agent.trust.verify import verify_statement
 
 KEYSET_PREDICATE_TYPE = "urn:edge-agent:keyset:v1"
@@ -110,7 +110,7 @@ def apply_keyset_job(keyset_bytes: bytes, bundle_json: bytes) -> Callable[[sqlit
         for key in ks.keys:
             if db.execute("SELECT 1 FROM trust_revoked WHERE key_id = ?", (key.key_id,)).fetchone():
                 raise KeysetRejected(f"key set lists key {key.key_id[:16]}…, which an earlier key set revoked")
-            _insert_key(db, key)
+            upsert_key(db, key)
         if not load_trust_set(db.conn).with_role("root"):
             raise KeysetRejected("applying this key set would leave no root key: future updates would be "
                                  "impossible; include the new root key")

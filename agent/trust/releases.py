@@ -28,7 +28,6 @@ from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.storage import Store
 from agent.trust.catalog import (
-    _COLS,
     GENERATION_KEY,
     SEEN_GENERATION_KEY,
     Release,
@@ -38,6 +37,7 @@ from agent.trust.catalog import (
     generation,
     get_release,
     list_releases,
+    previous_release,
 )
 from agent.trust.errors import ReleaseRejected, VersionNotNewer
 from agent.trust.runnable import Runnable, RunnableCheck, check_runnable
@@ -139,17 +139,16 @@ def _activate(db: sqlite_utils.Database, release_id: int) -> Release:
 
 
 def _rollback(db: sqlite_utils.Database, kind: str, name: str) -> Release:
-    prev = db.execute(f"SELECT {_COLS} FROM releases WHERE kind = ? AND name = ? AND state = 'previous'",
-                      (kind, name)).fetchone()
+    prev = previous_release(db.conn, kind, name)
     if prev is None:
         raise ReleaseStoreError(f"{kind} {name} has no previous release to roll back to")
     now = time.time()
     db.execute("UPDATE releases SET state = 'retired', retired_at = ? WHERE kind = ? AND name = ? AND "
                "state = 'active'", (now, kind, name))
-    db.execute("UPDATE releases SET state = 'active', activated_at = ? WHERE id = ?", (now, prev[0]))
+    db.execute("UPDATE releases SET state = 'active', activated_at = ? WHERE id = ?", (now, prev.id))
     _bump_generation(db)
     _gc(db, kind, name)
-    out = get_release(db.conn, int(prev[0]))
+    out = get_release(db.conn, prev.id)
     assert out is not None
     return out
 

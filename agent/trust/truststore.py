@@ -91,7 +91,8 @@ def revoked_ids(conn: sqlite3.Connection) -> set[str]:
     return {str(r[0]) for r in conn.execute("SELECT key_id FROM trust_revoked")}
 
 
-def _insert_key(db: sqlite_utils.Database, key: TrustedKey) -> None:
+def upsert_key(db: sqlite_utils.Database, key: TrustedKey) -> None:
+    """Inside a writer job: trust ``key``, or change the scope of a key already trusted."""
     db.execute(
         "INSERT INTO trust_keys (key_id, key_type, public_pem, kinds, names, role, source, added_at, comment) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key_id) DO UPDATE SET kinds = excluded.kinds, "
@@ -105,7 +106,7 @@ def add_key(key: TrustedKey) -> Callable[[sqlite_utils.Database], None]:
     def job(db: sqlite_utils.Database) -> None:
         if db.execute("SELECT 1 FROM trust_revoked WHERE key_id = ?", (key.key_id,)).fetchone():
             raise TrustError(f"key {key.key_id[:16]} was revoked by a key-set update; it cannot be trusted again")
-        _insert_key(db, key)
+        upsert_key(db, key)
     return job
 
 

@@ -4,9 +4,11 @@ Why: ``Func.__call__`` rebuilds the function type and boxes every argument (13�
 the gateway), which alone would blow the 70 µs p99 budget. :class:`FastCalls` pre-binds each export
 and calls ``wasmtime_func_call_unchecked`` with one preallocated raw-value buffer; memory is read
 with ``ctypes.string_at`` after a bounded NUL scan. Both use private wasmtime-py internals, pinned
-at wasmtime==50.0.1; :class:`PublicCalls` does the same job through the public API and is selected
-by ``[policy] fast_calls = false`` or automatically when the internals are missing. The memory
-base pointer is re-read after every guest call (the guest may grow memory and move it).
+(:mod:`agent.wasm.pinned`) and resolved once, on first use (:func:`fast_path`); :class:`PublicCalls`
+does the same job through the public API and is selected by ``[policy] fast_calls = false`` or
+automatically — logged as ``wasm_shim_fallback`` — under another wasmtime-py or when an internal is
+missing. The memory base pointer is re-read after every guest call (the guest may grow memory and
+move it).
 
 Host-function failures: wasmtime-py parks an exception raised by a host function in ONE
 process-global slot (``wasmtime._func.LAST_EXCEPTION``) and re-raises it after the call traps, so
@@ -26,13 +28,13 @@ from __future__ import annotations
 import ctypes
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from typing import Any, Protocol
 
 import wasmtime
 
-from agent.logs import get_logger
-
-log = get_logger("policy")
+from agent.wasm import pinned
 
 
 def _addr(fn: Any) -> int:
@@ -43,58 +45,106 @@ def _addr(fn: Any) -> int:
     return int(value)
 
 
-try:  # private internals of wasmtime-py 50.0.1 (pinned in pyproject.toml)
-    from wasmtime import _bindings as _b
-    from wasmtime import _ffi
+# ctypes.memmove is a CFUNCTYPE: it drops and retakes the GIL around a copy of a few hundred bytes, and
+# under load retaking it means queueing behind the writer / module threads (measured: the input copy
+# cost as much loop time as the whole guest call). Copies this small never need to release the GIL.
+memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
+    _addr(ctypes.memmove))
+_string_at = ctypes.string_at
+_unpack_i32 = struct.Struct("<I").unpack_from  # unsigned: addresses
 
-    _CALL_UNCHECKED = _b._wasmtime_func_call_unchecked
-    _DLL: Any = _b.dll  # type: ignore[attr-defined]
-    _MEM_DATA = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(
-        _addr(_DLL.wasmtime_memory_data))
-    _MEM_SIZE = ctypes.PYFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
-        _addr(_DLL.wasmtime_memory_data_size))
-    _SET_DEADLINE = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)(
-        _addr(_DLL.wasmtime_context_set_epoch_deadline))
-    _TRAP_PTR = ctypes.POINTER(_ffi.wasm_trap_t)
-    _RAW_CALLBACK = _b.wasmtime_func_unchecked_callback_t
-    _DEFINE_RAW = _b.wasmtime_linker_define_func_unchecked
-    _NO_FINALIZER = _b._wasmtime_linker_define_func_unchecked.argtypes[8]()  # a NULL function pointer
-    _TRAP_NEW = _b.wasmtime_trap_new
-    if ctypes.sizeof(_ffi.wasmtime_val_raw_t) != 16:  # the engine packs opa_eval's args at 16-byte strides
+
+@dataclass(frozen=True)
+class FastPath:
+    """The wasmtime-py 50.0.1 internals (and the libc call) the fast path uses, resolved and checked once.
+
+    ``mem_data(ctx, mem)`` / ``mem_size(ctx, mem)`` / ``set_deadline(ctx, ticks)`` take the raw store
+    context and memory addresses of :class:`FastCalls` (``ctx_addr``, ``mem_addr``) and keep the GIL."""
+
+    call_unchecked: Any
+    mem_data: Any
+    mem_size: Any
+    set_deadline: Any
+    memchr: Any
+    trap_ptr: Any
+    val_raw: Any
+    raw_callback: Any
+    define_raw: Any
+    no_finalizer: Any
+    trap_new: Any
+
+
+def _resolve() -> FastPath:
+    from wasmtime import _bindings, _ffi  # the private modules this shim is pinned to
+
+    dll: Any = _bindings.dll  # type: ignore[attr-defined]
+    libc = ctypes.CDLL(None)
+    define_raw = _bindings.wasmtime_linker_define_func_unchecked
+    path = FastPath(
+        call_unchecked=_bindings._wasmtime_func_call_unchecked,  # noqa: SLF001 - pinned internal: the raw call
+        mem_data=ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(
+            _addr(dll.wasmtime_memory_data)),
+        mem_size=ctypes.PYFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p)(
+            _addr(dll.wasmtime_memory_data_size)),
+        set_deadline=ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)(
+            _addr(dll.wasmtime_context_set_epoch_deadline)),
+        memchr=ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)(
+            _addr(libc.memchr)),
+        trap_ptr=ctypes.POINTER(_ffi.wasm_trap_t),
+        val_raw=_ffi.wasmtime_val_raw_t,
+        raw_callback=_bindings.wasmtime_func_unchecked_callback_t,
+        define_raw=define_raw,
+        # a NULL function pointer of the finalizer argument's type
+        no_finalizer=_bindings._wasmtime_linker_define_func_unchecked.argtypes[8](),  # noqa: SLF001 - pinned
+        trap_new=_bindings.wasmtime_trap_new,
+    )
+    if ctypes.sizeof(path.val_raw) != 16:  # callers pack arguments at 16-byte strides
         raise AttributeError("wasmtime_val_raw_t is not 16 bytes in this wasmtime-py")
-    FAST_AVAILABLE = True
-except (ImportError, AttributeError) as _exc:  # pragma: no cover - only with another wasmtime version
-    FAST_AVAILABLE = False
-    _MEM_DATA = _MEM_SIZE = _SET_DEADLINE = None  # type: ignore[assignment]
-    log.warning("policy_fast_calls_unavailable", error=str(_exc))
+    return path
 
-try:  # wasmtime-py's one process-global slot for a host function's exception
-    from wasmtime import _func as _wt_func
-    _HAS_LAST_EXCEPTION = hasattr(_wt_func, "LAST_EXCEPTION")
-except ImportError:  # pragma: no cover - only with another wasmtime version
-    _HAS_LAST_EXCEPTION = False
+
+@cache
+def fast_path() -> FastPath | None:
+    """The fast path's internals, or None (logged once) under another wasmtime-py or when one is missing."""
+    problem = pinned.wasmtime_problem()
+    if problem is None:
+        try:
+            return _resolve()
+        except (ImportError, AttributeError, OSError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+    pinned.fallback("fast_calls", problem, instead="guest calls through wasmtime-py's public API (~10x slower)")
+    return None
+
+
+@cache
+def last_exception_slot() -> Any:
+    """wasmtime-py's module holding its one process-global host-exception slot, or None (logged)."""
+    problem = pinned.wasmtime_problem()
+    if problem is None:
+        try:
+            from wasmtime import _func
+
+            if hasattr(_func, "LAST_EXCEPTION"):
+                return _func
+            problem = "wasmtime._func has no LAST_EXCEPTION"
+        except ImportError as exc:
+            problem = f"ImportError: {exc}"
+    pinned.fallback("host_exception_slot", problem,
+                    instead="a failed host call's marker may stay in wasmtime-py's global slot")
+    return None
 
 
 def forget_host_exception(exc: BaseException | None) -> None:
     """Clear wasmtime-py's global host-exception slot if it still holds ``exc`` (ours), else leave it."""
-    if exc is not None and _HAS_LAST_EXCEPTION and _wt_func.LAST_EXCEPTION is exc:
-        _wt_func.LAST_EXCEPTION = None
+    if exc is None:
+        return
+    slot = last_exception_slot()
+    if slot is not None and slot.LAST_EXCEPTION is exc:
+        slot.LAST_EXCEPTION = None
 
 
 def _same(exc: BaseException) -> BaseException:
     return exc
-
-
-_LIBC = ctypes.CDLL(None)
-_MEMCHR = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)(
-    _addr(_LIBC.memchr))
-_string_at = ctypes.string_at
-_unpack_i32 = struct.Struct("<I").unpack_from  # unsigned: addresses
-# ctypes.memmove is a CFUNCTYPE: it drops and retakes the GIL around a copy of a few hundred bytes, and
-# under load retaking it means queueing behind the writer / module threads (measured: the input copy
-# cost as much loop time as the whole guest call). Copies this small never need to release the GIL.
-_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(
-    _addr(ctypes.memmove))
 
 
 class OutputTooLarge(Exception):
@@ -161,18 +211,28 @@ class FastCalls:
 
     One instance per Store; not thread-safe (neither is the Store). Nested calls (from a builtin
     callback while ``opa_eval`` runs) use their own buffer, so the outer call's results survive.
+    Build it only when :func:`fast_path` is not None (``make_calls`` does). ``mem_data``, ``mem_size``
+    and ``set_deadline`` are the raw handles, bound here for callers' hot loops (``(ctx_addr, mem_addr)``).
     """
 
-    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory, funcs: dict[str, wasmtime.Func]) -> None:
+    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory, funcs: dict[str, wasmtime.Func],
+                 path: FastPath) -> None:
+        self.path = path
         self.store = store
-        self.ctx = store._context()
+        self.ctx = store._context()  # noqa: SLF001 - pinned internal: the raw store context
         self.ctx_addr = ctypes.cast(self.ctx, ctypes.c_void_p).value
-        self.mem_ref = ctypes.byref(memory._memory)
-        self.mem_addr = ctypes.addressof(memory._memory)
-        self.refs = {name: ctypes.byref(f._func) for name, f in funcs.items()}
-        self._bufs = [(_ffi.wasmtime_val_raw_t * 8)() for _ in range(4)]
+        raw_memory = memory._memory  # noqa: SLF001 - pinned internal: the raw memory handle
+        self.mem_ref = ctypes.byref(raw_memory)
+        self.mem_addr = ctypes.addressof(raw_memory)
+        self.refs = {name: ctypes.byref(f._func) for name, f in funcs.items()}  # noqa: SLF001 - raw func handles
+        self.mem_data = path.mem_data
+        self.mem_size_of = path.mem_size
+        self.set_deadline_of = path.set_deadline
+        self._call = path.call_unchecked
+        self._memchr = path.memchr
+        self._bufs = [(path.val_raw * 8)() for _ in range(4)]
         self._depth = 0
-        self.trap = _TRAP_PTR()
+        self.trap = path.trap_ptr()
         self.trap_ref = ctypes.byref(self.trap)
         self.on_fail: Callable[[BaseException], BaseException] = _same
 
@@ -180,9 +240,10 @@ class FastCalls:
         """Raise the failed call's cause: the instance's own host exception, else the trap/error.
         wasmtime-py's global slot is deliberately not read (another thread may own what it holds)."""
         trap = self.trap
-        self.trap = _TRAP_PTR()
+        self.trap = self.path.trap_ptr()
         self.trap_ref = ctypes.byref(self.trap)
-        exc: BaseException = wasmtime.WasmtimeError._from_ptr(err) if err else wasmtime.Trap._from_ptr(trap)
+        exc: BaseException = (wasmtime.WasmtimeError._from_ptr(err) if err  # noqa: SLF001 - pinned: wrap the C error
+                              else wasmtime.Trap._from_ptr(trap))  # noqa: SLF001 - pinned: wrap the C trap
         raise self.on_fail(exc)
 
     def call(self, name: str, *args: int) -> int:
@@ -194,7 +255,7 @@ class FastCalls:
             buf[i].i32 = arg
         self._depth = depth + 1
         try:
-            err = _CALL_UNCHECKED(self.ctx, self.refs[name], buf, 8, self.trap_ref)
+            err = self._call(self.ctx, self.refs[name], buf, 8, self.trap_ref)
         finally:
             self._depth = depth
         if err or self.trap:
@@ -205,7 +266,7 @@ class FastCalls:
         """The hot path: arguments already in ``buf`` (a top-level buffer from :meth:`buffer`)."""
         self._depth = 1
         try:
-            err = _CALL_UNCHECKED(self.ctx, ref, buf, 8, self.trap_ref)
+            err = self._call(self.ctx, ref, buf, 8, self.trap_ref)
         finally:
             self._depth = 0
         if err or self.trap:
@@ -216,26 +277,26 @@ class FastCalls:
         return self._bufs[0]
 
     def set_deadline(self, ticks: int) -> None:
-        _SET_DEADLINE(self.ctx_addr, ticks)
+        self.set_deadline_of(self.ctx_addr, ticks)
 
     def base(self) -> int:
-        return int(_MEM_DATA(self.ctx_addr, self.mem_addr) or 0)
+        return int(self.mem_data(self.ctx_addr, self.mem_addr) or 0)
 
     def mem_size(self) -> int:
-        return int(_MEM_SIZE(self.ctx_addr, self.mem_addr))
+        return int(self.mem_size_of(self.ctx_addr, self.mem_addr))
 
     def write(self, addr: int, data: bytes) -> None:
         if addr < 0 or addr + len(data) > self.mem_size():
             raise IndexError("write outside guest memory")
-        _memmove(self.base() + addr, data, len(data))
+        memmove(self.base() + addr, data, len(data))
 
     def read_cstr(self, addr: int, limit: int) -> bytes:
-        size = _MEM_SIZE(self.ctx_addr, self.mem_addr)
+        size = self.mem_size_of(self.ctx_addr, self.mem_addr)
         if addr <= 0 or addr >= size:
             raise OutputTooLarge(f"string address {addr} is outside guest memory ({size} bytes)")
-        start = _MEM_DATA(self.ctx_addr, self.mem_addr) + addr
+        start = self.mem_data(self.ctx_addr, self.mem_addr) + addr
         span = min(size - addr, limit + 1)
-        end = _MEMCHR(start, 0, span)
+        end = self._memchr(start, 0, span)
         if not end:
             raise OutputTooLarge(f"string at {addr} is longer than {limit} bytes or not terminated")
         return _string_at(start, end - start)
@@ -244,7 +305,7 @@ class FastCalls:
 _HOST_TRAP_MSG = b"host function failed (the error is kept on the policy instance)"
 
 
-def define_host_func(linker: wasmtime.Linker, name: str, *, params: int, results: int,
+def define_host_func(path: FastPath, linker: wasmtime.Linker, name: str, *, params: int, results: int,
                      fn: Callable[..., int | None], failed: Callable[[BaseException], None],
                      keep: list[Any]) -> None:
     """Define ``env.<name>`` (i32 params, 0 or 1 i32 result) bypassing wasmtime-py's trampoline.
@@ -262,20 +323,22 @@ def define_host_func(linker: wasmtime.Linker, name: str, *, params: int, results
             return 0
         except BaseException as exc:  # never let an exception escape into C (``failed`` must not raise)
             failed(exc)
-            trap = _TRAP_NEW(_HOST_TRAP_MSG, len(_HOST_TRAP_MSG))
+            trap = path.trap_new(_HOST_TRAP_MSG, len(_HOST_TRAP_MSG))
             return int(ctypes.cast(trap, ctypes.c_void_p).value or 0)
 
-    callback = _RAW_CALLBACK(host)
+    callback = path.raw_callback(host)
     ty = wasmtime.FuncType([wasmtime.ValType.i32()] * params, [wasmtime.ValType.i32()] * results)
     keep.extend((callback, ty))
     module, fname = b"env", name.encode()
-    err = _DEFINE_RAW(linker.ptr(), module, len(module), fname, len(fname), ty.ptr(), callback, None, _NO_FINALIZER)
+    err = path.define_raw(linker.ptr(), module, len(module), fname, len(fname), ty.ptr(), callback, None,
+                          path.no_finalizer)
     if err:
-        raise wasmtime.WasmtimeError._from_ptr(err)
+        raise wasmtime.WasmtimeError._from_ptr(err)  # noqa: SLF001 - pinned internal: wrap the C error
 
 
 def make_calls(fast: bool, store: wasmtime.Store, memory: wasmtime.Memory,
                funcs: dict[str, wasmtime.Func]) -> FastCalls | PublicCalls:
-    if fast and FAST_AVAILABLE:
-        return FastCalls(store, memory, funcs)
+    path = fast_path() if fast else None
+    if path is not None:
+        return FastCalls(store, memory, funcs, path)
     return PublicCalls(store, memory, funcs)
