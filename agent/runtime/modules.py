@@ -25,7 +25,7 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ from agent.config.modules import ModuleSettings
 from agent.errors import AgentError
 from agent.logs import get_logger
 from agent.messaging import topics
+from agent.messaging.readings import Reading as BusReading
 from agent.offload import run_blocking
 from agent.runtime import runner as R
 from agent.runtime.contract import (
@@ -83,14 +84,16 @@ class ModuleRunFailed(ModuleError):
         self.run_id = run_id
 
 
-def as_reading(obj: Any) -> Reading:
-    """Accept the bus's reading objects (attributes + ``stamp``) or plain dicts."""
-    if isinstance(obj, dict):
-        return Reading(device=str(obj["device"]), metric=str(obj["metric"]), value=obj.get("value"),
-                       wall=float(obj["wall"]), topic=str(obj.get("topic", "")))
-    stamp = getattr(obj, "stamp", None)
-    wall = float(stamp.wall) if stamp is not None else float(obj.wall)
-    return Reading(device=obj.device, metric=obj.metric, value=obj.value, wall=wall, topic=obj.topic)
+ReadingLike = BusReading | Mapping[str, Any]
+
+
+def as_reading(obj: ReadingLike) -> Reading:
+    """A reading as modules see it, from the ingest's committed readings or a plain mapping (a module's
+    ``Reading`` document itself, or what a caller of ``run`` hands over)."""
+    if isinstance(obj, BusReading):
+        return Reading(device=obj.device, metric=obj.metric, value=obj.value, wall=obj.stamp.wall, topic=obj.topic)
+    return Reading(device=str(obj["device"]), metric=str(obj["metric"]), value=obj.get("value"),
+                   wall=float(obj["wall"]), topic=str(obj.get("topic", "")))
 
 
 class ModuleRuntime:
@@ -195,7 +198,7 @@ class ModuleRuntime:
         return old
 
     async def trial(self, candidate: LoadedModule, trigger: dict[str, Any] | None = None,
-                    readings: Iterable[Any] | None = None) -> ModuleOutput:
+                    readings: Iterable[ReadingLike] | None = None) -> ModuleOutput:
         """Run a not-yet-active version once (hot-swap health check): recorded as trigger kind ``trial``,
         with the current saved state of its name, but its state is NOT saved and nothing is delivered."""
         trig = dict(trigger) if trigger is not None else make_trigger("manual", time.time())
@@ -218,7 +221,7 @@ class ModuleRuntime:
     # -- running --------------------------------------------------------------------------------
 
     async def run(self, name: str, trigger: dict[str, Any] | None = None,
-                  readings: Iterable[Any] | None = None) -> ModuleOutput:
+                  readings: Iterable[ReadingLike] | None = None) -> ModuleOutput:
         """Run ``name`` once now and return its validated output (see module docstring)."""
         trig = trigger if trigger is not None else make_trigger("manual", time.time())
         rows = [as_reading(r) for r in readings] if readings is not None else None
@@ -409,12 +412,12 @@ class ModuleRuntime:
             self._topic_cache[topic] = names
         return names
 
-    def offer(self, readings: Iterable[Any]) -> int:
+    def offer(self, readings: Iterable[ReadingLike]) -> int:
         """Hand stored readings to topic-triggered modules; returns how many (module, reading) pairs queued."""
         queued = 0
         cap = self.settings.batch_max_readings
         for obj in readings:
-            topic = obj["topic"] if isinstance(obj, dict) else obj.topic
+            topic = obj.topic if isinstance(obj, BusReading) else str(obj["topic"])
             names = self._modules_for(topic)
             if not names:
                 continue
