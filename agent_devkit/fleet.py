@@ -187,6 +187,36 @@ class FleetWorld:
         return self.signer.sign(artifact, "policy", name, version, **meta)
 
 
+def gateway_config(world: FleetWorld, path: Path, *, node: str, local_port: int, tables: str = "",
+                   fleet: dict[str, object] | None = None) -> Path:
+    """An ``agent.toml`` for a daemon on ``world``'s fleet broker (mutual TLS as ``node``) and a local
+    broker on ``local_port``; ``fleet`` adds ``[fleet]`` keys, ``tables`` more TOML (``[policy]`` …)."""
+    files = world.pki.client(node)
+    extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (fleet or {}).items())
+    path.write_text(f"""
+[agent]
+node_id = "{node}"
+heartbeat_interval_s = 0.5
+log_format = "json"
+
+[local_broker]
+host = "127.0.0.1"
+port = {local_port}
+reconnect_min_s = 0.1
+{tables}
+[fleet]
+enabled = true
+url = "{world.url}"
+tls_ca = "{world.pki.ca}"
+tls_cert = "{files.cert}"
+tls_key = "{files.key}"
+reconnect_min_s = 0.1
+reconnect_max_s = 1.0
+{extra}
+""")
+    return path
+
+
 @contextlib.contextmanager
 def fleet_world(tmp: Path) -> Any:
     pki = TestPKI(tmp / "pki")

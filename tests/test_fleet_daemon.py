@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,10 @@ import pytest
 from agent_devkit.broker import Broker
 from agent_devkit.demo import THERMOSTAT_PREDICATE
 from agent_devkit.examples import example
-from agent_devkit.fleet import NAME, FleetWorld, async_test, fleet_world, manager, sandbox_wasm
+from agent_devkit.fleet import NAME, FleetWorld, async_test, fleet_world, gateway_config, manager, sandbox_wasm
 from agent_devkit.procs import agent_process, status_json
 from agent_devkit.releases import install
+from tests.test_pipeline_daemon import query
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,28 +32,8 @@ async def test_daemon_installs_a_pushed_policy_and_reports_it(world: FleetWorld,
                                                                 tmp_path: Path) -> None:
     state = tmp_path / "gw-state"
     world.signer.trust(state, kinds=("policy",))
-    files = world.pki.client("gw-daemon")
-    config = tmp_path / "agent.toml"
-    config.write_text(f"""
-[agent]
-node_id = "gw-daemon"
-heartbeat_interval_s = 0.5
-
-[local_broker]
-host = "127.0.0.1"
-port = {broker.port}
-
-[fleet]
-enabled = true
-url = "{world.url}"
-tls_ca = "{world.pki.ca}"
-tls_cert = "{files.cert}"
-tls_key = "{files.key}"
-site = "plant-9"
-reconnect_min_s = 0.1
-reconnect_max_s = 1.0
-health_window_s = 1.0
-""")
+    config = gateway_config(world, tmp_path / "agent.toml", node="gw-daemon", local_port=broker.port,
+                            fleet={"site": "plant-9", "health_window_s": 1.0})
     wasm = sandbox_wasm()
     with agent_process(state, config) as agent:
         await asyncio.to_thread(agent.wait_ready)
@@ -74,26 +54,18 @@ health_window_s = 1.0
 async def _decisions_after_a_reading(broker: Broker, db: Path, temp: bytes) -> set[tuple[int, str]]:
     """Publish one hot reading (the thermostat asks for the fan, or reports it on: each put to the gate)
     and return the (policy version, raw result set) of the gate decisions it caused."""
-    before = _query(db, "SELECT coalesce(max(id), 0) FROM decisions")[0][0]
+    before = query(db, "SELECT coalesce(max(id), 0) FROM decisions")[0][0]
     async with aiomqtt.Client(broker.host, broker.port, identifier="t-line") as pub:
         await pub.publish("factory/line1/press1/temp", temp, qos=1)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        rows = _query(db, f"SELECT policy_version, result FROM decisions WHERE id > {int(before)}")
+        rows = query(db, f"SELECT policy_version, result FROM decisions WHERE id > {int(before)}")
         if rows:
             await asyncio.sleep(0.5)  # the run's other decisions commit with the first
-            rows = _query(db, f"SELECT policy_version, result FROM decisions WHERE id > {int(before)}")
+            rows = query(db, f"SELECT policy_version, result FROM decisions WHERE id > {int(before)}")
             return {(int(v), str(r)) for v, r in rows}
         await asyncio.sleep(0.1)
     raise AssertionError("the reading caused no gate decisions within 30 s")
-
-
-def _query(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 @async_test
@@ -109,34 +81,9 @@ async def test_a_hot_swapped_policy_and_the_same_release_after_a_restart_evaluat
     world.signer.trust(state, kinds=("policy", "module"))
     thermostat = example("thermostat")
     install(state, thermostat, world.signer.sign(thermostat, "module", "thermostat", 1, **THERMOSTAT_PREDICATE))
-    files = world.pki.client("gw-ep")
-    config = tmp_path / "agent.toml"
-    config.write_text(f"""
-[agent]
-node_id = "gw-ep"
-heartbeat_interval_s = 0.5
-
-[local_broker]
-host = "127.0.0.1"
-port = {broker.port}
-reconnect_min_s = 0.1
-
-[policy]
-decision_policy = "{NAME}"
-
-[pipeline]
-policy_entrypoint = ""
-
-[fleet]
-enabled = true
-url = "{world.url}"
-tls_ca = "{world.pki.ca}"
-tls_cert = "{files.cert}"
-tls_key = "{files.key}"
-reconnect_min_s = 0.1
-reconnect_max_s = 1.0
-health_window_s = 0.5
-""")
+    config = gateway_config(world, tmp_path / "agent.toml", node="gw-ep", local_port=broker.port,
+                            tables=f'[policy]\ndecision_policy = "{NAME}"\n[pipeline]\npolicy_entrypoint = ""\n',
+                            fleet={"health_window_s": 0.5})
     wasm = sandbox_wasm()
     async with manager(world) as mgr:
         with agent_process(state, config) as agent:

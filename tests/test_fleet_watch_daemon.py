@@ -22,6 +22,7 @@ from agent_devkit.fleet import (
     async_test,
     custom_section,
     fleet_world,
+    gateway_config,
     manager,
     sandbox_wasm,
 )
@@ -39,30 +40,7 @@ def world(tmp_path: Path) -> Any:
 
 
 def write_config(world: FleetWorld, broker: Broker, tmp: Path, **fleet: object) -> Path:
-    files = world.pki.client(NODE)
-    extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in fleet.items())
-    config = tmp / "agent.toml"
-    config.write_text(f"""
-[agent]
-node_id = "{NODE}"
-heartbeat_interval_s = 0.5
-log_format = "json"
-
-[local_broker]
-host = "127.0.0.1"
-port = {broker.port}
-
-[fleet]
-enabled = true
-url = "{world.url}"
-tls_ca = "{world.pki.ca}"
-tls_cert = "{files.cert}"
-tls_key = "{files.key}"
-reconnect_min_s = 0.1
-reconnect_max_s = 1.0
-{extra}
-""")
-    return config
+    return gateway_config(world, tmp / "agent.toml", node=NODE, local_port=broker.port, fleet=fleet)
 
 
 def events(agent: AgentProcess) -> list[dict[str, Any]]:
