@@ -3,8 +3,8 @@
 A unit is a top-level package or module of ``agent`` (``agent/trust/``, ``agent/clock.py``). Every
 import counts — at module level, inside a function, under ``TYPE_CHECKING`` — because each one is a
 dependency a reader has to know about. The order, bottom to top (docs/contributing.md says why):
-leaves, config, storage, the Wasm and OCI layer, the domains (trust, policy, messaging, runtime, control,
-sync, fleet — a DAG among themselves too), the daemon, the CLI.
+leaves, the input guards, config, storage, the Wasm and OCI layer, the domains (trust, policy,
+messaging, runtime, control, sync, fleet — a DAG among themselves too), the daemon, the CLI.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from agent_devkit import REPO
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("agent", "errors", "logs", "clock", "offload"),  # leaves ("agent" = the package root: __version__)
+    ("jsonsafe", "handlers"),  # the one strict JSON decoder and the one handler guard: every input path
     ("config",),
     ("storage",),
     ("wasm", "oci"),  # what runs and fetches artifacts: the Wasm layer, the OCI registry client and layouts
@@ -97,7 +98,7 @@ def test_the_check_names_an_upward_import_and_an_unplaced_package(tmp_path: Path
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     problems = violations(root)
-    assert "agent/storage/db.py:2: storage (layer 2) imports agent.daemon.main (layer 11): upward" in problems
+    assert "agent/storage/db.py:2: storage (layer 3) imports agent.daemon.main (layer 12): upward" in problems
     assert any(p.startswith("agent/gadgets/__init__.py: the unit 'gadgets' is in no layer") for p in problems)
     assert not any(p.startswith("agent/daemon/main.py") for p in problems)  # relative, and downward
 

@@ -65,6 +65,8 @@ EXTRA_TABLES: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Links", "links", [("link", "name"), ("state", "state"), ("since", "since"), ("detail", "detail")]),
     ("Recent errors", "errors", [("at", "at"), ("component", "component"), ("code", "code"),
                                  ("message", "message")]),
+    ("Refused input (counted; the messages were acknowledged and dropped)", "rejected_input", [
+        ("source", "source"), ("code", "code"), ("count", "count"), ("last", "last_at"), ("detail", "last")]),
     ("Installed releases", "releases", [("kind", "kind"), ("name", "name"), ("version", "version"),
                                         ("state", "state"), ("signer key", "signer_key"),
                                         ("installed", "installed_at")]),

@@ -21,6 +21,7 @@ from agent.config import AgentConfig
 from agent.control.status import audit_section, pipeline_section
 from agent.errors import StorageError
 from agent.fleet.status import fleet_section
+from agent.handlers import HANDLER_FAILED
 from agent.runtime.status import modules_section
 from agent.storage.db import connect_reader, table_exists
 from agent.storage.lock import daemon_holds_lock, lock_pid
@@ -117,9 +118,41 @@ def errors_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
                              for at, c, code, m in rows]
 
 
+REJECTS_RECENT_S = 86_400.0
+HANDLER_FAILURE_RECENT_S = 3_600.0
+
+
+def rejects_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:
+    """``rejected_input``: outside input refused (and message handlers that failed), per source and code.
+
+    Refused input is the agent doing its job, so it is a warning while recent (someone should look at
+    the sensor or sender); a handler that raised is a bug that dropped a message: a problem for an hour.
+    """
+    if not table_exists(conn, "input_rejects"):
+        return
+    now = time.time()
+    rows = conn.execute("SELECT source, code, count, first_at, last_at, last_detail FROM input_rejects"
+                        " ORDER BY last_at DESC").fetchall()
+    report.data["rejected_input"] = [
+        {"source": s, "code": c, "count": int(n), "first_at": iso(first), "last_at": iso(last), "last": d[:200]}
+        for s, c, n, first, last, d in rows]
+    refused: list[tuple[str, str, int]] = []
+    for source, code, n, _, last, detail in rows:
+        if code == HANDLER_FAILED and now - last <= HANDLER_FAILURE_RECENT_S:
+            report.problems.append(f"a {source} message handler failed ({n} times in all; last: {detail[:160]}); "
+                                   "the daemon kept running and dropped that message: report this bug")
+        elif code != HANDLER_FAILED and now - last <= REJECTS_RECENT_S:
+            refused.append((source, code, int(n)))
+    if refused:
+        total = sum(n for _, _, n in refused)
+        kinds = ", ".join(f"{s} {c} ×{n}" for s, c, n in refused[:6])
+        report.warnings.append(f"input refused recently ({kinds}; {total} in all): acknowledged and dropped, "
+                               "nothing stored was affected (see rejected_input)")
+
+
 SECTIONS: list[Section] = [daemon_section, storage_section, links_section, errors_section, releases_section,
                            outbox_section, audit_section, kubeedge_section, pipeline_section, modules_section,
-                           fleet_section]
+                           fleet_section, rejects_section]
 
 
 def collect(config: AgentConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from agent.errors import DatabaseCorrupt
 from agent.logs import get_logger
 from agent.storage.db import check_integrity, connect_reader, connect_writer, open_checked
 from agent.storage.migrations import migrate
+from agent.storage.rejects import RejectCounter
 from agent.storage.writer import WriteJob, Writer
 
 log = get_logger("storage")
@@ -28,6 +29,8 @@ class Store:
         self.path = path
         self.writer = writer
         self.corrupt = corrupt
+        # outside input refused and handlers that failed, counted for `status` (see rejects.py)
+        self.rejects = RejectCounter(writer)
 
     @classmethod
     def open(cls, state_dir: Path, *, synchronous: str = "FULL", batch_max: int = 256,
@@ -62,6 +65,7 @@ class Store:
         return store
 
     def close(self) -> None:
+        self.rejects.flush_now()  # queued ahead of the writer's stop: the last counts are kept
         self.writer.stop()
 
     def reader(self) -> sqlite3.Connection:

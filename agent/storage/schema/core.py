@@ -1,4 +1,4 @@
-"""Core tables: the daemon's heartbeat, key/value state, and the recent-errors log."""
+"""Core tables: the daemon's heartbeat, key/value state, the recent-errors log, counted rejects."""
 
 MIGRATIONS: list[str] = [
     # v1: the daemon row (one per state dir) and small key/value facts
@@ -48,6 +48,18 @@ MIGRATIONS: list[str] = [
         boot_id TEXT NOT NULL UNIQUE,
         first_wall REAL NOT NULL,
         first_mono REAL NOT NULL
+    );
+    """,
+    # v5: outside input refused (and handlers that failed), counted per source and code, for `status`
+    """
+    CREATE TABLE input_rejects (
+        source TEXT NOT NULL,
+        code TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        first_at REAL NOT NULL,
+        last_at REAL NOT NULL,
+        last_detail TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (source, code)
     );
     """,
 ]
