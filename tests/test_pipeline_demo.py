@@ -83,6 +83,8 @@ def test_demo_shows_readings_actuations_and_denials(tmp_path: Path) -> None:
     assert held["violations"] == [] and held["unbound"] == {"default/press-3": "other-node"}, held
     assert "KubeEdge device default/press-3 is not bound to node demo-node" in out
     # a cloud-side mistake the agent cannot fix is a warning: the running agent still reads HEALTHY
-    assert "edge-agent status: HEALTHY (1 warning)\n  ~ KubeEdge device default/press-3 is not bound" in out
+    # (the second warning: the demo's malformed reading, refused and counted)
+    assert "edge-agent status: HEALTHY (2 warnings)\n  ~ KubeEdge device default/press-3 is not bound" in out
+    assert "\n  ~ input refused recently (local_bus " in out
     assert re.search(r"default/press-1\s+True\s+synced", out) and re.search(r"default/press-3\s+False\s+unbound", out)
     assert "twin state EdgeCore (node demo-node) holds" in out

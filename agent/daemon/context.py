@@ -9,6 +9,7 @@ from typing import Protocol
 
 from agent.config import AgentConfig
 from agent.daemon.notify import Notifier
+from agent.handlers import Handlers
 from agent.storage import Store
 
 
@@ -39,6 +40,11 @@ class Context:
     previous_end: str | None = None
     # short "what it is doing" phrases per service, joined into the sd_notify STATUS= line
     status_parts: dict[str, str] = field(default_factory=dict)
+    # every message handler of every service, guarded alike (failures counted in the store's rejects)
+    handlers: Handlers = field(default_factory=Handlers)
+
+    def __post_init__(self) -> None:
+        self.handlers.bind(self.store.rejects)
 
     @property
     def after_failure(self) -> bool:

@@ -75,9 +75,9 @@ def build(ctx: Context) -> Components:
         ctx.set_status("local_bus", "connected" if state == "up" else "broker offline")
         await store.set_link(LINK_NAME, state, detail)
 
-    bus = LocalBus(cfg.local_broker, cfg.node_id, on_link=on_link)
+    bus = LocalBus(cfg.local_broker, cfg.node_id, on_link=on_link, handlers=ctx.handlers)
     ingest = Ingest(store, batch_max=cfg.pipeline.ingest_batch_max, max_payload_bytes=cfg.pipeline.max_payload_bytes,
-                    on_store_failure=bus.request_reconnect)
+                    on_store_failure=bus.request_reconnect, handlers=ctx.handlers)
     bus.subscribe_sensors(ingest.handle)
     pipeline = Pipeline(store, cfg.pipeline, cfg.node_id, publisher=bus, policies=policies.registry,
                         decision_policy=lambda: ctx.config.policy.decision_policy, audit=cfg.audit)

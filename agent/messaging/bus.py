@@ -26,6 +26,7 @@ from typing import Any
 
 from agent.config import AgentConfig, LocalBrokerSettings
 from agent.errors import AgentError
+from agent.handlers import FAILED, Handler, Handlers
 from agent.logs import get_logger
 from agent.messaging import topics
 from agent.messaging.backoff import Backoff
@@ -37,7 +38,7 @@ log = get_logger("local_bus")
 LINK_NAME = "local_broker"
 STABLE_SESSION_S = 10.0
 OFFLINE_WARN_EVERY_S = 600.0
-Handler = Callable[["BusMessage"], None]
+MessageHandler = Callable[["BusMessage"], None]
 LinkListener = Callable[[str, str], Awaitable[None]]
 ROUTE_CACHE_MAX = 4096
 CONNECT_TIMEOUT_S = 10.0
@@ -83,9 +84,10 @@ class BusMessage:
 @dataclass
 class _Route:
     topic_filter: str
-    handler: Handler
+    handler: MessageHandler
     manual_ack: bool
     qos: int
+    entry: Handler  # the guarded entry in the daemon's handler registry
 
 
 class LocalBus:
@@ -94,11 +96,12 @@ class LocalBus:
     name = "local_bus"
 
     def __init__(self, settings: LocalBrokerSettings, node_id: str, *,
-                 on_link: LinkListener | None = None) -> None:
+                 on_link: LinkListener | None = None, handlers: Handlers | None = None) -> None:
         self.settings = settings
+        self._handlers = handlers if handlers is not None else Handlers()
         self.node_id = node_id
         self.client_id = settings.client_id or f"edge-agent-{node_id}"
-        self._sensor_handler: Handler | None = None
+        self._sensor_handler: MessageHandler | None = None
         self._dropped_filters: set[str] = set()  # removed from the config: unsubscribe on the next session
         self._routes: list[_Route] = []
         self._conn: MqttConnection | None = None
@@ -118,15 +121,17 @@ class LocalBus:
 
     # ---- API for other components -------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str, handler: Handler, *, manual_ack: bool = False, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, handler: MessageHandler, *, manual_ack: bool = False,
+                  qos: int = 1) -> None:
         """Route messages matching ``topic_filter`` to ``handler`` (called on the loop, must not block).
 
         With ``manual_ack`` the handler must call ``msg.ack()`` once the message is safe; otherwise
         the bus acks right after the handler returns. Subscriptions are (re)made on every connect.
+        A handler that raises loses that one message (acknowledged, counted: see ``agent.handlers``).
         """
         if qos not in (0, 1):
             raise ValueError(f"the local bus subscribes at QoS 0 or 1 (got {qos})")
-        self._routes.append(_Route(topic_filter, handler, manual_ack, qos))
+        self._add_route(topic_filter, handler, manual_ack, qos)
         self._route_cache.clear()
         conn = self._conn
         if conn is not None and self._connected.is_set():
@@ -134,7 +139,11 @@ class LocalBus:
                 conn.subscribe([(topic_filter, qos)], timeout_s=CONNECT_TIMEOUT_S))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    def subscribe_sensors(self, handler: Handler) -> None:
+    def _add_route(self, topic_filter: str, handler: MessageHandler, manual_ack: bool, qos: int) -> None:
+        entry = self._handlers.add("local_bus", topic_filter, handler, (topic_filter,))
+        self._routes.append(_Route(topic_filter, handler, manual_ack, qos, entry))
+
+    def subscribe_sensors(self, handler: MessageHandler) -> None:
         """Route the configured ``subscriptions`` (sensor readings) to ``handler`` with manual ack;
         a SIGHUP that changes them (:meth:`reload`) re-routes and unsubscribes what was removed."""
         self._sensor_handler = handler
@@ -156,6 +165,9 @@ class LocalBus:
             self.client_id = client_id
         if self._sensor_handler is not None and list(new.subscriptions) != list(old.subscriptions):
             removed = set(old.subscriptions) - set(new.subscriptions)
+            for route in self._routes:
+                if route.topic_filter in removed and route.handler is self._sensor_handler:
+                    self._handlers.remove(route.entry)
             self._routes = [r for r in self._routes
                             if r.topic_filter not in removed or r.handler is not self._sensor_handler]
             self._route_cache.clear()
@@ -163,7 +175,7 @@ class LocalBus:
             self._dropped_filters -= set(new.subscriptions)
             for topic_filter in new.subscriptions:
                 if topic_filter not in {r.topic_filter for r in self._routes}:
-                    self._routes.append(_Route(topic_filter, self._sensor_handler, True, 1))
+                    self._add_route(topic_filter, self._sensor_handler, True, 1)
         log.info("local_bus_reconfigured", host=new.host, port=new.port, client_id=self.client_id,
                  subscriptions=list(new.subscriptions))
         self.request_reconnect("the [local_broker] configuration changed")
@@ -295,14 +307,9 @@ class LocalBus:
         if route is None:
             msg.ack()
             return
-        try:
-            route.handler(msg)
-        except Exception as exc:  # a handler bug must not kill the bus; unacked = redelivered
-            log.error("local_bus_handler_failed", topic=msg.topic, error=str(exc),
-                      error_type=type(exc).__name__)
-            self.request_reconnect(f"handler for {route.topic_filter} failed: {exc}")
-            return
-        if not route.manual_ack:
+        if self._handlers.call(route.entry, msg) is FAILED or not route.manual_ack:
+            # a handler that raised (logged and counted by the guard) would raise again on every
+            # redelivery: the message is acknowledged and lost, the session and every other message go on
             msg.ack()
 
     def _ack(self, msg: BusMessage) -> bool:

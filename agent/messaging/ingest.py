@@ -23,6 +23,7 @@ import sqlite_utils
 
 from agent.clock import now
 from agent.errors import AgentError
+from agent.handlers import HANDLER_FAILED, Handler, Handlers
 from agent.logs import get_logger
 from agent.messaging.bus import BusMessage
 from agent.messaging.readings import MalformedReading, Reading, parse
@@ -66,14 +67,16 @@ class Ingest:
     name = "ingest"
 
     def __init__(self, store: Store, *, batch_max: int = 256, max_payload_bytes: int = 65536,
-                 in_flight_batches: int = 1, on_store_failure: Callable[[str], None] | None = None) -> None:
+                 in_flight_batches: int = 1, on_store_failure: Callable[[str], None] | None = None,
+                 handlers: Handlers | None = None) -> None:
         self.store = store
+        self._handlers = handlers if handlers is not None else Handlers(store.rejects)
         self.batch_max = batch_max
         self.max_payload_bytes = max_payload_bytes
         self._pending: list[tuple[BusMessage, Sequence[Reading], _Reject | None]] = []
         self._have = asyncio.Event()
         self._inflight: asyncio.Queue[tuple[asyncio.Future[None], _Batch]] = asyncio.Queue(in_flight_batches)
-        self._listeners: list[Listener] = []
+        self._listeners: list[Handler] = []
         self._on_store_failure = on_store_failure
         self.stored = 0
         self.rejected = 0
@@ -81,8 +84,10 @@ class Ingest:
         self.retained_skipped = 0
 
     def add_listener(self, listener: Listener) -> None:
-        """Called on the loop with each batch of readings *after* it is committed (must not block)."""
-        self._listeners.append(listener)
+        """Called on the loop with each batch of readings *after* it is committed (must not block).
+        A listener that raises is logged and counted (``agent.handlers``); the readings stay stored."""
+        name = getattr(listener, "__qualname__", type(listener).__name__)
+        self._listeners.append(self._handlers.add("ingest", f"readings_committed:{name}", listener))
 
     # the bus handler (manual ack)
     def handle(self, msg: BusMessage) -> None:
@@ -96,13 +101,18 @@ class Ingest:
         try:
             if msg.truncated:  # the bus kept only the head of a huge message
                 raise MalformedReading(f"{msg.topic}: payload of {msg.size} bytes exceeds the "
-                                       f"{self.max_payload_bytes}-byte limit")
+                                       f"{self.max_payload_bytes}-byte limit", reason="too_large")
             readings = parse(msg.topic, msg.payload, stamp, self.max_payload_bytes)
-        except MalformedReading as exc:
+        except Exception as exc:  # a reject, stored and acked like any other: never a redelivery loop
+            if isinstance(exc, MalformedReading):
+                reason, error = exc.reason, str(exc)
+            else:  # a bug in the parser: the message is kept as a reject row with the cause
+                reason, error = HANDLER_FAILED, f"{msg.topic[:200]}: internal error: {type(exc).__name__}: {exc}"
             self.rejected += 1
-            log.warning("reading_rejected", topic=msg.topic[:200], error=str(exc), code=exc.code,
+            self.store.rejects.note("local_bus", reason, error)
+            log.warning("reading_rejected", topic=msg.topic[:200], error=error, code=reason,
                         payload_bytes=len(msg.payload))
-            self._pending.append((msg, (), (msg.topic[:512], msg.payload[:MAX_REJECT_PAYLOAD], str(exc),
+            self._pending.append((msg, (), (msg.topic[:512], msg.payload[:MAX_REJECT_PAYLOAD], error,
                                             stamp.wall)))
         else:
             self._pending.append((msg, readings, None))
@@ -158,11 +168,9 @@ class Ingest:
             for m in batch.messages:
                 m.ack()
             self.stored += len(batch.readings)
-            for listener in self._listeners:
-                try:
-                    listener(batch.readings)
-                except Exception as exc:
-                    log.error("ingest_listener_failed", error=str(exc), error_type=type(exc).__name__)
+            if batch.readings:
+                for listener in self._listeners:
+                    self._handlers.call(listener, batch.readings)
 
     def _failed(self, batch: _Batch, exc: BaseException) -> None:
         self.failed_batches += 1
