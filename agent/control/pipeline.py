@@ -21,7 +21,6 @@ It is the module runtime's output sink (the composition root connects the two). 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +29,7 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
-from agent import clock
+from agent import clock, jsonsafe
 from agent.clock import Stamp
 from agent.config.pipeline import AuditSettings, PipelineSettings
 from agent.control.audit import AuditLog, signature
@@ -74,7 +73,7 @@ class Decided:
     def input_text(self) -> str:
         """The exact input the policy saw (what the decision log stores and the digest covers)."""
         if self.input_json is None:
-            self.input_json = json.dumps(self.input, separators=(",", ":"), default=repr)
+            self.input_json = _strict_text(self.input)
         return self.input_json
 
     @property
@@ -90,7 +89,16 @@ class Handled:
     delivery: asyncio.Future[int] | None
 
 
-_compact = json.JSONEncoder(separators=(",", ":")).encode  # what json.dumps(..., separators=) builds per call
+_compact = jsonsafe.dumps  # strict: what is published and logged was decoded strictly (no NaN can appear)
+
+
+def _strict_text(value: Any) -> str:
+    """The decision log is forwarded to the cloud (audit class): it only ever holds strict JSON. What
+    cannot be encoded (the reason its evaluation failed) is logged as a string saying so."""
+    try:
+        return jsonsafe.dumps(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return jsonsafe.dumps({"unencodable": f"{type(exc).__name__}: {exc}"[:500]})
 
 
 def encode_payload(payload: Any) -> bytes:
@@ -332,7 +340,7 @@ class Pipeline:
                         " result, outcome, reason, subject, kept, win) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (stamp.wall, stamp.boot_id, stamp.mono, d.policy_name, d.policy_version,
                          self.settings.policy_entrypoint, d.input_text(),
-                         d.result_json if d.result_json is not None else json.dumps(d.result, separators=(",", ":")),
+                         d.result_json if d.result_json is not None else _strict_text(d.result),
                          d.verdict.outcome, d.verdict.reason, d.subject, d.kept, win))
                     d.decision_id = int(cur.lastrowid or 0)
                 ids.append(d.decision_id)

@@ -62,7 +62,7 @@ def build(ctx: Context) -> Components:
     # the runtimes: the one path per kind from a release to a running workload; the release store
     # is given their "can this run" checks, so it refuses exactly what they could not load
     policies = PolicyRuntime(store, cfg.policy)
-    modules = ModuleRuntime(store, cfg.modules, state_dir=cfg.state_dir)
+    modules = ModuleRuntime(store, cfg.modules, state_dir=cfg.state_dir, handlers=ctx.handlers)
     releases = ReleaseStore(store, checkers=runnable_checks(policies, modules))
     watcher = ReleaseWatcher(releases, on_status=status("releases"))
     module_service = ModuleService(modules, releases, on_status=status("modules"))

@@ -21,12 +21,12 @@ unknown top-level keys are an error so a typo is not silently ignored.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict
 
+from agent import jsonsafe
 from agent.errors import AgentError
 
 PROPERTY_TYPES = ("string", "int", "integer", "float", "boolean")
@@ -116,7 +116,7 @@ def build_input(trigger: dict[str, Any], readings: list[Reading], config: dict[s
     kept = list(readings)
     while True:
         doc = {"trigger": trigger, "readings": kept, "config": config, "state": state}
-        data = _encode_input(doc).encode()
+        data = jsonsafe.dumps(doc).encode()
         if len(data) <= limit_bytes:
             return data, len(kept)
         if not kept:
@@ -125,8 +125,6 @@ def build_input(trigger: dict[str, Any], readings: list[Reading], config: dict[s
                               "(raise [modules].input_limit_bytes or fix the module)", code="module_input_too_large")
         kept = kept[len(kept) // 2 + 1:] if len(kept) > 8 else kept[1:]
 
-
-_encode_input = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
 def _text(where: str, value: Any, *, empty: bool = False) -> str:
@@ -225,33 +223,28 @@ def _telemetry(i: int, item: dict[str, Any]) -> dict[str, Any]:
     return dict(item)
 
 
-def _reject_constant(token: str) -> Any:
-    raise ModuleOutputInvalid(f"output contains {token}, which is not valid JSON")
-
-
-# one decoder for every run (json.loads with a keyword argument builds a new decoder per call)
-_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+OUTPUT_MAX_DEPTH = 64  # outputs, state included: deep enough for any real state, bounded for every parser after
 
 
 def parse_output(raw: bytes, *, name: str, version: int, trigger: dict[str, Any], max_items: int,
                  state_limit_bytes: int) -> ModuleOutput:
-    """Validate a module's stdout bytes into a :class:`ModuleOutput`, or raise :class:`ModuleOutputInvalid`."""
-    try:
-        text = raw.decode("utf-8", errors="strict")
-    except UnicodeDecodeError as exc:
-        raise ModuleOutputInvalid(f"stdout is not UTF-8 text (bad byte at offset {exc.start})") from None
-    if not text.strip():
+    """Validate a module's stdout bytes into a :class:`ModuleOutput`, or raise :class:`ModuleOutputInvalid`.
+
+    Decoded by :mod:`agent.jsonsafe`: a module's output is stored (state, telemetry), put to the gate
+    policy and forwarded to the cloud (decision log), so nothing in it may be NaN, infinite (``1e400``),
+    an integer past 64 bits or a lone surrogate: the run is ``output_invalid`` instead, never a
+    poisoned state that bricks the module's next runs."""
+    if not raw.strip():
         raise ModuleOutputInvalid("the module wrote nothing on stdout (expected one JSON object)")
     try:
-        if text.startswith("\ufeff"):  # what json.loads says about a BOM
-            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-        doc = _decode(text)
-    except RecursionError:
-        raise ModuleOutputInvalid("stdout JSON is nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        snippet = text[:60].encode("unicode_escape").decode()
-        raise ModuleOutputInvalid(f"stdout is not one JSON document ({exc.msg} at line {exc.lineno} column "
-                                  f"{exc.colno}); it starts with '{snippet}'") from None
+        doc = jsonsafe.loads(raw, jsonsafe.Limits(len(raw), max_depth=OUTPUT_MAX_DEPTH))
+    except jsonsafe.JsonRejected as exc:
+        if exc.code == "json_not_utf8":
+            raise ModuleOutputInvalid(f"stdout is {exc}") from None
+        if exc.code == "json_syntax":
+            snippet = raw[:60].decode("utf-8", "replace").encode("unicode_escape").decode()
+            raise ModuleOutputInvalid(f"stdout is not one JSON document ({exc}); it starts with '{snippet}'") from None
+        raise ModuleOutputInvalid(f"stdout JSON refused ({exc.code}): {exc}") from None
     if not isinstance(doc, dict):
         raise ModuleOutputInvalid(f"stdout must be a JSON object, got {type(doc).__name__}")
     unknown = set(doc) - set(OUTPUT_KEYS)
@@ -261,7 +254,7 @@ def parse_output(raw: bytes, *, name: str, version: int, trigger: dict[str, Any]
     state = doc.get("state")
     state_json = None
     if state_set:
-        state_json = json.dumps(state, separators=(",", ":"))
+        state_json = jsonsafe.dumps(state)
         size = len(state_json)  # ASCII (ensure_ascii): characters = bytes
         if size > state_limit_bytes:
             raise ModuleOutputInvalid(f"saved state is {size} bytes (limit {state_limit_bytes})")

@@ -32,15 +32,17 @@ from typing import TYPE_CHECKING, Any
 import sqlite_utils
 import wasmtime
 
-from agent import clock
+from agent import clock, jsonsafe
 from agent.config.modules import ModuleSettings
 from agent.errors import AgentError
+from agent.handlers import Handler, Handlers
 from agent.logs import get_logger
 from agent.messaging import topics
 from agent.messaging.readings import Reading as BusReading
 from agent.offload import run_blocking
 from agent.runtime import runner as R
 from agent.runtime.contract import (
+    OUTPUT_MAX_DEPTH,
     ModuleError,
     ModuleOutput,
     ModuleOutputInvalid,
@@ -59,6 +61,7 @@ from agent.runtime.spec import (
     parse_spec,
 )
 from agent.storage import Store
+from agent.storage.store import error_job
 from agent.trust.errors import ModuleUnsupported
 from agent.trust.runnable import Runnable
 from agent.trust.verify import VerifiedRelease
@@ -73,6 +76,16 @@ log = get_logger("modules")
 OutputSink = Callable[[ModuleOutput], Awaitable[None]]
 ERROR_REPORT_EVERY_S = 300.0
 TOPIC_CACHE_MAX = 10000
+
+
+STATE_READ_MAX_BYTES = 64 * 1024 * 1024  # far above any state limit: only what a bug could have stored is refused
+
+
+def _discard_state_job(name: str, problem: str) -> Callable[[sqlite_utils.Database], None]:
+    def job(db: sqlite_utils.Database) -> None:
+        db.execute("DELETE FROM module_state WHERE name = ?", (name,))
+        error_job("modules", "module_state_discarded", problem)(db)
+    return job
 
 
 class ModuleRunFailed(ModuleError):
@@ -98,15 +111,16 @@ def as_reading(obj: ReadingLike) -> Reading:
 
 class ModuleRuntime:
     def __init__(self, store: Store, settings: ModuleSettings, *, state_dir: Path,
-                 engine: WasmEngine | None = None) -> None:
+                 engine: WasmEngine | None = None, handlers: Handlers | None = None) -> None:
         self.store = store
+        self._handlers = handlers if handlers is not None else Handlers(store.rejects)
         self.settings = settings
         self.state_dir = state_dir
         self.engine = engine or shared_engine()
         self.runner = ModuleRunner(self.engine)
         self.registry = ModuleRegistry()
         self.registry.add_listener(self._on_change)
-        self._sink: OutputSink | None = None
+        self._sink: Handler | None = None
         self._state: dict[str, Any] = {}
         self._pending: dict[str, list[Reading]] = {}
         self._dropped: dict[str, int] = {}
@@ -122,7 +136,11 @@ class ModuleRuntime:
     # -- wiring ---------------------------------------------------------------------------------
 
     def set_sink(self, sink: OutputSink | None) -> None:
-        self._sink = sink
+        """Where triggered runs' outputs go; guarded (``agent.handlers``): a sink that raises costs that
+        output only, and the run itself stays recorded as it ended."""
+        if self._sink is not None:
+            self._handlers.remove(self._sink)
+        self._sink = None if sink is None else self._handlers.add("modules", "module_output", sink)
 
     def reconfigure(self, settings: ModuleSettings) -> None:
         """SIGHUP: new limits apply from the next run."""
@@ -242,27 +260,14 @@ class ModuleRuntime:
         deadline_s, memory, stdout_cap = effective_limits(loaded.spec, s)
         if len(readings) > s.max_readings:
             readings = readings[-s.max_readings:]
-        state = await self._load_state(loaded.name)
         output: ModuleOutput | None = None
+        kept = 0
         try:
-            data, kept = build_input(trigger, readings, loaded.spec.config, state, s.input_limit_bytes)
-        except ModuleError as exc:
-            raw = RawRun(R.INPUT, str(exc))
-            kept = 0
-        except (TypeError, ValueError) as exc:
-            raw = RawRun(R.INPUT, f"the run's input cannot be encoded as JSON: {exc}")
-            kept = 0
-        else:
-            limits = Limits(deadline_s, memory, stdout_cap)
-            raw = await run_blocking(self.runner.execute, loaded.module, data, limits,
-                                     self._permissions(loaded.name, loaded.spec))
-            if raw.ok:
-                try:
-                    output = parse_output(raw.stdout, name=loaded.name, version=loaded.version, trigger=trigger,
-                                          max_items=s.max_outputs, state_limit_bytes=s.state_limit_bytes)
-                except ModuleOutputInvalid as exc:
-                    raw = RawRun(R.OUTPUT_INVALID, f"the module's output was rejected: {exc}",
-                                 stdout_bytes=raw.stdout_bytes, duration_ms=raw.duration_ms, exit_code=raw.exit_code)
+            raw, output, kept = await self._execute(loaded, trigger, readings, Limits(deadline_s, memory, stdout_cap))
+        except Exception as exc:  # a host-side bug: still a run, and a health window must see it
+            log.error("module_run_internal_error", module=loaded.name, version=loaded.version, error=str(exc),
+                      error_type=type(exc).__name__)
+            raw = RawRun(R.INTERNAL, f"internal error while running the module: {type(exc).__name__}: {exc}")
         recorded = self.store.writer.submit(self._record_job(
             loaded, trigger, readings=kept, stamp=stamp, raw=raw, output=output if save_state else None,
             schedule_fire=schedule_fire, summary=output.summary() if output is not None else None))
@@ -270,11 +275,7 @@ class ModuleRuntime:
             # Hand the output on before awaiting our commit: the writer is FIFO, so whatever the sink
             # writes (its decision log) commits together with, or after, this run's row and state —
             # one fsync on the reading → actuation path instead of two. run_id is not known yet.
-            try:
-                await self._sink(output)
-            except Exception as exc:  # the pipeline's problem; the run itself is recorded as ok
-                log.error("module_output_sink_failed", module=loaded.name, version=loaded.version,
-                          error=str(exc), error_type=type(exc).__name__)
+            await self._handlers.acall(self._sink, output)
         run_id = await asyncio.wrap_future(recorded)
         self.runs += 1
         if output is not None:
@@ -289,6 +290,29 @@ class ModuleRuntime:
         await self._report(loaded.name, raw)
         raise ModuleRunFailed(f"module '{loaded.name}' v{loaded.version} run {run_id}: {raw.error}",
                               outcome=raw.outcome, run_id=run_id)
+
+    async def _execute(self, loaded: LoadedModule, trigger: dict[str, Any], readings: list[Reading],
+                       limits: Limits) -> tuple[RawRun, ModuleOutput | None, int]:
+        """Input → sandboxed run → validated output: (how it ended, the output if valid, readings given)."""
+        s = self.settings
+        state = await self._load_state(loaded.name)
+        try:
+            data, kept = build_input(trigger, readings, loaded.spec.config, state, s.input_limit_bytes)
+        except ModuleError as exc:
+            return RawRun(R.INPUT, str(exc)), None, 0
+        except (TypeError, ValueError) as exc:
+            return RawRun(R.INPUT, f"the run's input cannot be encoded as JSON: {exc}"), None, 0
+        raw = await run_blocking(self.runner.execute, loaded.module, data, limits,
+                                 self._permissions(loaded.name, loaded.spec))
+        if not raw.ok:
+            return raw, None, kept
+        try:
+            output = parse_output(raw.stdout, name=loaded.name, version=loaded.version, trigger=trigger,
+                                  max_items=s.max_outputs, state_limit_bytes=s.state_limit_bytes)
+        except ModuleOutputInvalid as exc:
+            return RawRun(R.OUTPUT_INVALID, f"the module's output was rejected: {exc}", stdout_bytes=raw.stdout_bytes,
+                          duration_ms=raw.duration_ms, exit_code=raw.exit_code), None, kept
+        return raw, output, kept
 
     def _permissions(self, name: str, spec: ModuleSpec) -> Permissions:
         scratch = None
@@ -308,16 +332,27 @@ class ModuleRuntime:
 
     async def _load_state(self, name: str) -> Any:
         if name not in self._state:
-            self._state[name] = await run_blocking(self._read_state, name)
+            state, problem = await run_blocking(self._read_state, name)
+            if problem is not None:
+                # saved by an older agent that let a non-finite or oversize number through: a state no run
+                # can be given (its input would not encode) would fail every run for ever; start afresh
+                log.error("module_state_discarded", module=name, error=problem)
+                await self.store.writer.run(_discard_state_job(name, problem))
+            self._state[name] = state
         return self._state[name]
 
-    def _read_state(self, name: str) -> Any:
+    def _read_state(self, name: str) -> tuple[Any, str | None]:
         conn = self.store.reader()
         try:
             row = conn.execute("SELECT state FROM module_state WHERE name = ?", (name,)).fetchone()
         finally:
             conn.close()
-        return None if row is None else json.loads(row[0])
+        if row is None:
+            return None, None
+        try:
+            return jsonsafe.loads(row[0], jsonsafe.Limits(STATE_READ_MAX_BYTES, max_depth=OUTPUT_MAX_DEPTH)), None
+        except jsonsafe.JsonRejected as exc:
+            return None, f"the saved state of module '{name}' is not valid JSON and was discarded: {exc}"
 
     async def _query_readings(self, query: ReadingsQuery | None) -> list[Reading]:
         if query is None:
@@ -355,8 +390,7 @@ class ModuleRuntime:
         outputs = json.dumps(summary) if summary is not None else ""
         state_json = None
         if output is not None and output.state_set:
-            state_json = output.state_json if output.state_json is not None else \
-                json.dumps(output.state, separators=(",", ":"))
+            state_json = output.state_json if output.state_json is not None else jsonsafe.dumps(output.state)
 
         def job(db: sqlite_utils.Database) -> int:
             cur = db.execute(

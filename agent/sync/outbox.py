@@ -44,7 +44,7 @@ from typing import Any
 
 import sqlite_utils
 
-from agent import clock
+from agent import clock, jsonsafe
 from agent.clock import BootSpan, Stamp
 from agent.config.sync import OutboxSettings
 from agent.control.audit import P61, digest_hex, input_digest
@@ -67,6 +67,9 @@ PAGE_RATIO_KEY = "outbox.page_ratio"
 DEGRADE_SLACK = 0.02
 #: Keys longer than this are refused (they are repeated in an index and in every drained batch).
 MAX_KEY = 200
+# records wrap documents that were decoded strictly on the way in (a decision's input holds a module's
+# actuation): generous bounds, only to keep the cloud side strict
+RECORD_LIMITS = jsonsafe.Limits(64 * 1024 * 1024, max_depth=2 * jsonsafe.DEFAULT_MAX_DEPTH)
 
 
 class OutboxClass(IntEnum):
@@ -120,12 +123,19 @@ def make_record(cls: OutboxClass | str | int, payload: Any, key: str, stamp: Sta
     klass = OutboxClass.parse(cls)
     if not key or len(key) > MAX_KEY:
         raise OutboxError(f"outbox key must be 1..{MAX_KEY} characters (got {len(key)})")
-    text = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    if isinstance(payload, str):
-        try:
-            json.loads(text)
-        except ValueError as exc:
-            raise OutboxError(f"outbox payload for key {key!r} is not JSON text: {exc}") from None
+    # what the outbox holds is sent to the cloud, whose parser is strict: so is this one (no NaN,
+    # no 1e400, no lone surrogates); a record that is not is refused here, not by the cloud, where it
+    # would fail a whole batch
+    try:
+        if isinstance(payload, str):
+            jsonsafe.loads(payload, RECORD_LIMITS)
+            text = payload
+        else:
+            text = jsonsafe.dumps(payload)
+    except jsonsafe.JsonRejected as exc:
+        raise OutboxError(f"outbox payload for key {key!r} is not JSON text (strict RFC 8259): {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise OutboxError(f"outbox payload for key {key!r} cannot be encoded as strict JSON: {exc}") from None
     stored, enc = codec.pack(text)
     return Record(klass, stored, key, stamp, enc, kind, records, len(text.encode()))
 
@@ -566,9 +576,11 @@ def pull_events_job(budget: int, now: Stamp, max_wait_s: float, limit: int = 100
 
 
 def _json_value(text: str) -> Any:
+    """A stored JSON column as a value for a record; text that is not strict JSON (written by an older
+    agent, e.g. with Infinity in it) is forwarded as the string it is, never re-encoded non-strictly."""
     try:
-        return json.loads(text)
-    except (ValueError, TypeError):
+        return jsonsafe.loads(text, RECORD_LIMITS)
+    except (jsonsafe.JsonRejected, TypeError):
         return text
 
 
