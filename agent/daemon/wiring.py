@@ -91,7 +91,8 @@ def build(ctx: Context) -> Components:
     if cfg.outbox.uplink_url:
         sync_services.append(Drainer(store, cfg.outbox, cfg.node_id, outbox))
     if cfg.kubeedge.enabled:
-        sync_services.append(TwinSync(store, cfg.kubeedge, cfg.node_id, cfg.local_broker.host, cfg.local_broker.port))
+        sync_services.append(TwinSync(store, cfg.kubeedge, cfg.node_id, cfg.local_broker.host, cfg.local_broker.port,
+                                      handlers=ctx.handlers))
 
     # the fleet link: releases in, statuses out, hot swap
     fleet: FleetAgent | None = None

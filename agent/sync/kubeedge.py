@@ -21,6 +21,8 @@ from typing import Any
 import aiomqtt
 
 from agent.config.sync import KubeEdgeSettings
+from agent.handlers import Handlers
+from agent.jsonsafe import JsonRejected
 from agent.logs import get_logger
 from agent.messaging.backoff import Backoff
 from agent.offload import run_blocking
@@ -29,11 +31,12 @@ from agent.storage.db import connect_reader
 from agent.storage.store import kv_set_job
 from agent.sync import twins
 from agent.sync.drain import TokenBucket
-from agent.sync.twins import DeviceRef, TwinValueError
+from agent.sync.twins import DeviceRef, MembershipResult, TwinResult, TwinValueError
 
 log = get_logger("kubeedge")
 
 ERROR_TOPIC = "$hw/events/device//twin/update/result"
+REJECT_SOURCE = "kubeedge"
 
 
 @dataclass
@@ -64,7 +67,8 @@ class DeviceSync:
 class TwinSync:
     name = "kubeedge"
 
-    def __init__(self, store: Store, settings: KubeEdgeSettings, node_id: str, host: str, port: int) -> None:
+    def __init__(self, store: Store, settings: KubeEdgeSettings, node_id: str, host: str, port: int, *,
+                 handlers: Handlers | None = None) -> None:
         self.store = store
         self.settings = settings
         self.node = settings.node_name or node_id
@@ -86,7 +90,11 @@ class TwinSync:
         self._states_due = True
         self._last_snapshot = ""
         self.uncorrelated_errors: list[str] = []
+        self.rejected = 0
         self._membership_answer = asyncio.Event()
+        self._handlers = handlers if handlers is not None else Handlers(store.rejects)
+        self._answers = self._handlers.add(REJECT_SOURCE, "edgecore_answers", self.handle_answer,
+                                           tuple(self.subscriptions()))
 
     # ------------------------------------------------------------ local state
 
@@ -160,15 +168,18 @@ class TwinSync:
                 self._conn.close()
                 self._conn = None
 
+    def subscriptions(self) -> list[str]:
+        """EdgeCore's answer topics this service listens to."""
+        prefix = "$hw/events/device/+/+" if self.settings.topic_style == "v1.17" else "$hw/events/device/+"
+        return [f"{prefix}/twin/update/result", f"{prefix}/state/update/result", ERROR_TOPIC,
+                f"$hw/events/node/{self.node}/membership/get/result",
+                f"$hw/events/node/{self.node}/membership/updated"]
+
     async def _session(self) -> None:
         async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=True,
                                   protocol=aiomqtt.ProtocolVersion.V311, timeout=self.settings.answer_timeout_s,
                                   keepalive=30) as client:
-            prefix = "$hw/events/device/+/+" if self.settings.topic_style == "v1.17" else "$hw/events/device/+"
-            subs = [f"{prefix}/twin/update/result", f"{prefix}/state/update/result", ERROR_TOPIC,
-                    f"$hw/events/node/{self.node}/membership/get/result",
-                    f"$hw/events/node/{self.node}/membership/updated"]
-            await client.subscribe([(s, 1) for s in subs])
+            await client.subscribe([(s, 1) for s in self.subscriptions()])
             self._client = client
             self.connected = True
             self._backoff.reset()  # connected: the next loss starts again from the first delay
@@ -267,36 +278,34 @@ class TwinSync:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            topic = str(message.topic)
-            try:
-                raw = message.payload
-                body = json.loads(raw if isinstance(raw, str | bytes | bytearray) else b"")
-            except ValueError:
-                log.warning("kubeedge_answer_unparsable", topic=topic)
-                continue
-            if not isinstance(body, dict):
-                continue
-            if topic.endswith("/membership/get/result") or topic.endswith("/membership/updated"):
-                self._on_membership(topic, body)
-            elif topic.endswith("/twin/update/result"):
-                self._on_twin_result(topic, body)
-            self._update_in_sync()
+            raw = message.payload
+            self._handlers.call(self._answers, str(message.topic),
+                                bytes(raw) if isinstance(raw, bytes | bytearray) else b"")
 
-    def _on_membership(self, topic: str, body: dict[str, Any]) -> None:
-        if topic.endswith("/membership/updated"):
-            self._membership_due = True
-            return
+    def handle_answer(self, topic: str, payload: bytes) -> None:
+        """One message from EdgeCore's side: what does not parse or fit is a counted reject. Called through
+        the handler guard, so a bug here costs this message only: no message (a retained one comes back
+        after every restart) can end the session, the service or the daemon."""
+        try:
+            if topic.endswith("/membership/updated"):
+                twins.check_object(payload)
+                self._membership_due = True
+            elif topic.endswith("/membership/get/result"):
+                self._on_membership(twins.parse_membership(payload))
+            elif topic.endswith("/twin/update/result"):
+                self._on_twin_result(topic, twins.parse_twin_result(payload))
+            else:  # state/update/result: EdgeCore's acknowledgement carries nothing the agent uses
+                return
+            self._update_in_sync()
+        except JsonRejected as exc:
+            self.rejected += 1
+            self.store.rejects.note(REJECT_SOURCE, exc.code, f"{topic[:200]}: {exc}")
+            log.warning("kubeedge_message_rejected", topic=topic[:200], code=exc.code, error=str(exc)[:300],
+                        payload_bytes=len(payload))
+
+    def _on_membership(self, answer: MembershipResult) -> None:
         self._membership_answer.set()
-        listed = body.get("devices") or []
-        ids: set[str] = set()
-        for dev in listed:
-            if not isinstance(dev, dict):
-                continue
-            for key in ("id", "name"):
-                if isinstance(dev.get(key), str):
-                    ids.add(dev[key])
-            if isinstance(dev.get("namespace"), str) and isinstance(dev.get("name"), str):
-                ids.add(f"{dev['namespace']}/{dev['name']}")
+        ids = answer.device_ids
         for sync in self.devices.values():
             bound = sync.ref.device_id in ids
             if sync.bound is not bound:
@@ -310,12 +319,12 @@ class TwinSync:
                 sync.state = "unbound"
                 sync.pending = None
 
-    def _on_twin_result(self, topic: str, body: dict[str, Any]) -> None:
-        event_id = body.get("event_id") or ""
+    def _on_twin_result(self, topic: str, answer: TwinResult) -> None:
+        event_id = answer.event_id
         if topic == ERROR_TOPIC or not event_id:
             # EdgeCore could not parse/validate a message: no id to correlate with; it answers in
             # order, so it belongs to the oldest update still waiting
-            reason = str(body.get("reason", ""))
+            reason = answer.reason
             self.uncorrelated_errors = [*self.uncorrelated_errors[-9:], reason]
             waiting = [s for s in self.devices.values() if s.pending is not None]
             log.error("twin_update_rejected_uncorrelated", reason=reason, waiting=len(waiting))
@@ -327,7 +336,7 @@ class TwinSync:
         for sync in self.devices.values():
             if sync.pending is None or sync.pending.event_id != event_id:
                 continue
-            code = body.get("code")
+            code = answer.code
             sent = sync.pending.twins
             sync.pending = None
             if code is None:
@@ -338,15 +347,15 @@ class TwinSync:
                 sync.bound = True if sync.bound is None else sync.bound
                 sync.synced_at = time.time()
                 sync.state = "synced" if not sync.diff() else "pending"
-            elif int(code) == 404:
+            elif code == 404:
                 sync.bound = False
                 sync.state = "unbound"
-                sync.error = str(body.get("reason", "device not found"))
+                sync.error = answer.reason or "device not found"
                 log.error("twin_device_not_bound", device=sync.ref.device_id, node=self.node, reason=sync.error)
             else:
                 sync.state = "failing"
-                sync.error = f"{code}: {body.get('reason', '')}"
-                log.error("twin_update_rejected", device=sync.ref.device_id, code=code, reason=body.get("reason"))
+                sync.error = f"{code}: {answer.reason}"
+                log.error("twin_update_rejected", device=sync.ref.device_id, code=code, reason=answer.reason)
             return
 
     # ------------------------------------------------------------ status

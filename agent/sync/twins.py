@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from agent import jsonsafe
 from agent.config.sync import KubeEdgeDevice, KubeEdgeSettings
 from agent.errors import AgentError
 
@@ -141,3 +142,57 @@ def plain(event_id: str | None = None) -> tuple[str, dict[str, Any]]:
     """Body of a get request (twin/get, membership/get)."""
     eid = event_id or str(uuid.uuid4())
     return eid, {"event_id": eid, "timestamp": ms_now()}
+
+
+# ---- what EdgeCore sends back: decoded strictly, validated into dataclasses ---------------------------
+# Anything on these topics is untrusted: whoever can publish on the gateway's broker can retain a
+# message there, and a retained message comes back after every restart. A message that does not
+# decode (jsonsafe) or does not have the shape below is a counted reject, never an exception.
+
+ANSWER_LIMITS = jsonsafe.Limits(4 * 1024 * 1024, max_depth=32)  # a membership list of thousands of devices
+MAX_DEVICES_LISTED = 100_000
+
+
+@dataclass(frozen=True)
+class MembershipResult:
+    """``…/membership/get/result``: the ids of the devices bound to this node (``id``, ``name`` and
+    ``namespace/name`` of each listed device, whichever EdgeCore's version fills in)."""
+
+    device_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class TwinResult:
+    """``…/twin/update/result``: success (``code`` None) or an error code with EdgeCore's reason."""
+
+    event_id: str
+    code: int | None
+    reason: str
+
+
+def _device_ids(item: jsonsafe.Fields) -> list[str]:
+    ids = [v for v in (item.text("id", None, max_len=512), item.text("name", None, max_len=512)) if v]
+    namespace, name = item.text("namespace", None, max_len=512), item.text("name", None, max_len=512)
+    if namespace and name:
+        ids.append(f"{namespace}/{name}")
+    return ids
+
+
+def parse_membership(payload: bytes) -> MembershipResult:
+    """Raise :class:`~agent.jsonsafe.JsonRejected` (its code says why) for anything but a membership answer."""
+    doc = jsonsafe.Fields(jsonsafe.loads(payload, ANSWER_LIMITS))
+    listed = doc.each("devices", _device_ids, max_items=MAX_DEVICES_LISTED)
+    return MembershipResult(frozenset(i for ids in listed for i in ids))
+
+
+def parse_twin_result(payload: bytes) -> TwinResult:
+    """Raise :class:`~agent.jsonsafe.JsonRejected` (its code says why) for anything but a twin update result."""
+    doc = jsonsafe.Fields(jsonsafe.loads(payload, ANSWER_LIMITS))
+    return TwinResult(event_id=doc.text("event_id", None, max_len=256) or "",
+                      code=doc.integer("code", None, lo=0, hi=999),
+                      reason=doc.text("reason", None, max_len=2048) or "")
+
+
+def check_object(payload: bytes) -> None:
+    """A notification whose content is not used (``membership/updated``) must still be a JSON object."""
+    jsonsafe.Fields(jsonsafe.loads(payload, ANSWER_LIMITS))
