@@ -135,9 +135,18 @@ class AgentProcess:
             os.kill(self.proc.pid, sig)
 
     def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit while reading the notify socket, as systemd does (its queue holds
+        ~10 datagrams: the daemon's last words, STOPPING=1 among them, must find room)."""
         self.signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
         try:
-            return self.proc.wait(timeout)
+            while True:
+                self.notify.drain()
+                try:
+                    return self.proc.wait(0.05)
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        raise
         finally:
             self.close()
 

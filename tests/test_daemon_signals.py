@@ -10,7 +10,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from agent_devkit import REPO
 from agent_devkit.procs import NotifySocket, agent_process, run_agent, status_json
@@ -81,6 +83,7 @@ DYING_SERVICE = textwrap.dedent("""
     import asyncio, dataclasses, os, sys
     from pathlib import Path
     import agent.daemon.main as m
+    from agent.errors import StorageError
 
     class Dying:
         name = "dying"
@@ -88,6 +91,8 @@ DYING_SERVICE = textwrap.dedent("""
             trigger = Path(os.environ["DIE_TRIGGER"])
             while not trigger.exists():
                 await asyncio.sleep(0.05)
+            if trigger.read_text() == "storage":
+                raise StorageError("database disk image is malformed")
             raise RuntimeError("sensor bus exploded")
 
     original = m.build
@@ -102,21 +107,19 @@ DYING_SERVICE = textwrap.dedent("""
 """)
 
 
-def test_a_dead_service_stops_the_watchdog_and_exits_non_zero(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def dying_daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], NotifySocket, Path]]:
     state = tmp_path / "state"
-    trigger = tmp_path / "die-now"
     sock = NotifySocket(Path(tempfile.mkdtemp(prefix="ea-")) / "n.sock")  # short path: sun_path is 108 bytes
     log = (tmp_path / "agent.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-c", DYING_SERVICE, "run", "--state-dir", str(state)], cwd=REPO,
                             env={"NOTIFY_SOCKET": str(sock.path), "WATCHDOG_USEC": "400000",
-                                 "DIE_TRIGGER": str(trigger), "PATH": "/usr/bin:/bin"},
+                                 "DIE_TRIGGER": str(tmp_path / "die-now"), "PATH": "/usr/bin:/bin"},
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         sock.wait_for("READY=1")
         sock.wait_for("WATCHDOG=1")
-        trigger.touch()
-        code = proc.wait(60)
-        sock.drain()
+        yield proc, sock, state
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -124,16 +127,70 @@ def test_a_dead_service_stops_the_watchdog_and_exits_non_zero(tmp_path: Path) ->
         log.close()
         sock.close()
         shutil.rmtree(sock.path.parent, ignore_errors=True)
+
+
+def _pings(sock: NotifySocket) -> int:
+    return sum(m.split("\n").count("WATCHDOG=1") for m in sock.messages)
+
+
+def _services(state: Path) -> dict[str, Any]:
+    report: Any = status_json(state)[1]
+    return dict(report["daemon"].get("services", {}))
+
+
+def test_a_failing_service_is_restarted_in_place_and_reported(tmp_path: Path) -> None:
+    """The daemon keeps running (and pinging the watchdog) while a service fails and restarts: a new
+    process would meet the same failure, and systemd gives up on a unit after a few."""
+    with dying_daemon(tmp_path) as (proc, sock, state):
+        (tmp_path / "die-now").write_text("bug")
+        deadline = time.monotonic() + 30
+        while True:
+            sock.drain()  # as systemd does: a full notify socket would block the daemon's sendto
+            code, report = status_json(state)
+            problems: Any = report["problems"]
+            if any("service 'dying' failed and was restarted" in p for p in problems):
+                break
+            assert time.monotonic() < deadline, report
+            time.sleep(0.2)
+        assert code == 1 and proc.poll() is None
+        dying = _services(state)["dying"]
+        assert dying["restarts"] >= 1 and "sensor bus exploded" in dying["last_error"]
+        errors: Any = report["errors"]
+        assert any(e["code"] == "service_restarted" for e in errors)
+        (tmp_path / "die-now").unlink()  # whatever made it fail is gone: the next restart sticks
+        pings = _pings(sock)
+        deadline = time.monotonic() + 30
+        while _pings(sock) < pings + 3:  # the watchdog is still fed all along
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            sock.drain()
+        deadline = time.monotonic() + 90  # the backoff may have grown meanwhile (60 s at most)
+        while _services(state)["dying"]["state"] != "running":
+            assert time.monotonic() < deadline
+            sock.drain()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert "service_failed" in (tmp_path / "agent.log").read_text()
+
+
+def test_a_failing_database_stops_the_watchdog_and_exits_non_zero(tmp_path: Path) -> None:
+    """What a new process fixes (it checks the database and sets a corrupt one aside) ends this one."""
+    with dying_daemon(tmp_path) as (proc, sock, state):
+        (tmp_path / "die-now").write_text("storage")
+        code = proc.wait(60)
+        sock.drain()
     output = (tmp_path / "agent.log").read_text()
     assert code == 1, output
     fields = [f for m in sock.messages for f in m.split("\n")]
     assert "STOPPING=1" in fields
     assert "WATCHDOG=1" not in fields[fields.index("STOPPING=1"):]
-    assert "daemon_failed" in output and "sensor bus exploded" in output
+    assert "daemon_failed" in output and "database disk image is malformed" in output
     status, report = status_json(state)
     assert status == 1
     assert report["daemon"]["state"] == "failed"  # type: ignore[index]
-    assert any(e["code"] == "service_died" and "dying" in e["message"] for e in report["errors"])  # type: ignore[attr-defined]
+    errors: Any = report["errors"]
+    assert any(e["code"] == "service_died" and "malformed" in e["message"] for e in errors)
 
 
 STUBBORN_SERVICE = textwrap.dedent("""

@@ -115,3 +115,15 @@ def test_supervisor_fails_when_the_writer_is_gone(tmp_path: Path, sock: NotifySo
     finally:
         ctx.notifier.close()
         sock.close()
+
+
+def test_a_notify_socket_nobody_drains_never_blocks_the_loop(sock: NotifySocket) -> None:
+    """The datagram queue holds ~10 messages: routine pings beyond it are dropped, never waited for."""
+    notifier = Notifier(str(sock.path))
+    try:
+        sent = [notifier.send("WATCHDOG=1") for _ in range(200)]  # would block at the 11th if it waited
+        assert sent.count(True) >= 1 and notifier.dropped == sent.count(False) > 0
+        sock.drain()
+        assert notifier.send("READY=1", "STATUS=ok")
+    finally:
+        notifier.close()

@@ -2,8 +2,9 @@
 
 Offline is the normal state: nothing here waits for a network. READY=1 is sent once the config
 is valid, the database passed its integrity check and migrations, and every service task started.
-Exit codes: 0 after a requested stop, 1 when a service or the storage failed (systemd restarts it),
-2 for a config error (raised before this module runs; see ``agent.cli.run_cmd``).
+Exit codes: 0 after a requested stop, 1 when the storage failed (systemd restarts it; a failing service
+is restarted in place instead, see ``_run_service``), 2 for a config error (raised before this module
+runs; see ``agent.cli.run_cmd``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,18 @@ from agent.config import AgentConfig, load_config
 from agent.daemon.context import Context, Reloadable, Service
 from agent.daemon.heartbeat import started_job, stopped_job
 from agent.daemon.notify import Notifier
-from agent.daemon.supervisor import ServiceDied, Supervisor
+from agent.daemon.supervisor import (
+    RESTART_MAX_S,
+    RESTART_MIN_S,
+    STABLE_RUN_S,
+    ServiceDied,
+    ServiceHealth,
+    Supervisor,
+)
 from agent.daemon.wiring import build
-from agent.errors import AgentError, StorageFull
+from agent.errors import AgentError, StorageError, StorageFull
 from agent.logs import configure, get_logger
+from agent.messaging.backoff import Backoff
 from agent.storage import Store
 from agent.storage.lock import StateLock
 
@@ -109,7 +118,10 @@ class Daemon:
             return await self._shutdown(ctx, {}, None, exc)
         services = components.services
         self._services, self._reloadables = services, components.reloadables
-        tasks = {svc.name: asyncio.create_task(self._run_service(ctx, svc), name=svc.name) for svc in services}
+        health = ServiceHealth(ctx, [svc.name for svc in services])
+        await health.started()
+        tasks = {svc.name: asyncio.create_task(self._run_service(ctx, svc, health), name=svc.name)
+                 for svc in services}
         supervisor = Supervisor(ctx, tasks)
         await asyncio.sleep(0)  # let every service start before declaring readiness
         try:
@@ -140,20 +152,37 @@ class Daemon:
         return await self._shutdown(ctx, tasks, sup_task, failure)
 
     @staticmethod
-    async def _run_service(ctx: Context, svc: Service) -> None:
-        """Run a service; if it ends on a full disk, start it again after a pause instead of failing the
-        daemon: a failed daemon is restarted only a few times by systemd and then left down, even after
-        the disk has been cleaned. Any other ending is the supervisor's business, as before."""
-        pause = DISK_FULL_RETRY_S
+    async def _run_service(ctx: Context, svc: Service, health: ServiceHealth) -> None:
+        """Run a service for the daemon's life. If it fails (or returns), it is restarted after the backoff
+        and ``status`` reports it: restarting the process would not help (whatever made it fail, a retained
+        message say, comes back after every start) and a daemon that keeps failing is left down by
+        systemd. Only a failing storage ends the task (and the daemon: a new process checks and reopens
+        the database). On a full disk the service waits for space, which is not a failure."""
+        disk_pause = DISK_FULL_RETRY_S
+        backoff = Backoff(RESTART_MIN_S, RESTART_MAX_S)
         while True:
+            started = time.monotonic()
             try:
                 await svc.run()
-                return
+                failure: BaseException = ServiceDied(f"service '{svc.name}' stopped although nobody asked it to")
             except StorageFull as exc:
-                log.error("service_waiting_for_disk", service=svc.name, error=str(exc), retry_in_s=pause)
+                log.error("service_waiting_for_disk", service=svc.name, error=str(exc), retry_in_s=disk_pause)
                 ctx.set_status(svc.name, "waiting: the state disk is full")
-                await asyncio.sleep(pause)
-                pause = min(DISK_FULL_RETRY_MAX_S, pause * 2)
+                await asyncio.sleep(disk_pause)
+                disk_pause = min(DISK_FULL_RETRY_MAX_S, disk_pause * 2)
+                continue
+            except StorageError:
+                raise  # a failing database: a new process checks it (and sets a corrupt one aside)
+            except Exception as exc:
+                failure = exc
+            if not ctx.store.writer.alive:
+                raise failure
+            if time.monotonic() - started >= STABLE_RUN_S:
+                backoff.reset()
+            delay = backoff.next()
+            await health.failed(svc.name, failure, delay)
+            await asyncio.sleep(delay)
+            await health.restarted(svc.name)
 
     async def _shutdown(self, ctx: Context, tasks: dict[str, asyncio.Task[None]],
                         sup_task: asyncio.Task[None] | None, failure: BaseException | None) -> int:

@@ -14,6 +14,9 @@ from agent.logs import get_logger
 
 log = get_logger("daemon")
 
+ONCE_ONLY_ATTEMPTS = 50
+ONCE_ONLY_RETRY_S = 0.02
+
 
 class Notifier:
     def __init__(self, address: str | None = None) -> None:
@@ -23,6 +26,7 @@ class Notifier:
             # an abstract socket is written with a leading '@' and sent with a leading NUL
             self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
         self._sock: socket.socket | None = None
+        self.dropped = 0  # messages not sent because the socket's queue was full
 
     @property
     def enabled(self) -> bool:
@@ -33,12 +37,26 @@ class Notifier:
             return False
         if self._sock is None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        try:
-            self._sock.sendto("\n".join(fields).encode(), self._addr)
-        except OSError as exc:
-            log.warning("sd_notify_failed", error=str(exc))
-            return False
-        return True
+        # Never wait for room: a notify socket nobody drains (a busy service manager; the queue holds
+        # about 10 datagrams) must not freeze the event loop. A lost WATCHDOG=1 or STATUS= is replaced
+        # by the next one; READY=1, RELOADING=1 and STOPPING=1 are sent once each, so they get a few
+        # short retries (a bounded second) before they are given up.
+        data = "\n".join(fields).encode()
+        attempts = 1 if all(f.startswith(("WATCHDOG=", "STATUS=")) for f in fields) else ONCE_ONLY_ATTEMPTS
+        for attempt in range(attempts):
+            try:
+                self._sock.sendto(data, socket.MSG_DONTWAIT, self._addr)
+                return True
+            except BlockingIOError:
+                if attempt + 1 < attempts:
+                    time.sleep(ONCE_ONLY_RETRY_S)
+            except OSError as exc:
+                log.warning("sd_notify_failed", error=str(exc))
+                return False
+        self.dropped += 1
+        if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0 or attempts > 1:
+            log.warning("sd_notify_dropped", dropped=self.dropped, fields=[f.split("=", 1)[0] for f in fields])
+        return False
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")

@@ -19,6 +19,7 @@ from agent import __version__
 from agent.clock import iso
 from agent.config import AgentConfig
 from agent.control.status import audit_section, pipeline_section
+from agent.daemon.supervisor import SERVICES_KEY
 from agent.errors import StorageError
 from agent.fleet.status import fleet_section
 from agent.handlers import HANDLER_FAILED
@@ -27,6 +28,7 @@ from agent.storage.db import connect_reader, table_exists
 from agent.storage.lock import daemon_holds_lock, lock_pid
 from agent.storage.migrations import applied_versions
 from agent.storage.report import Report, Section
+from agent.storage.store import kv_get
 from agent.sync.status import kubeedge_section, outbox_section
 from agent.trust.status import releases_section
 
@@ -59,6 +61,8 @@ def daemon_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
         "started_at": iso(started), "heartbeat_at": iso(beat), "heartbeat_age_s": round(age, 1),
         "status_text": text, "stopped_at": iso(stopped),
     }
+    if running and shown in ("running", "stalled"):
+        services_section(conn, report)
     if shown == "starting":
         report.data["daemon"].update(pid=holder, status_text="starting: checking and migrating the state database")
         report.problems.append(f"daemon (pid {holder}) is starting: checking and migrating the state database")
@@ -74,6 +78,32 @@ def daemon_section(conn: sqlite3.Connection, config: AgentConfig, report: Report
         report.problems.append(f"daemon is stopped ({text})")
     elif shown == "failed":
         report.problems.append(f"daemon stopped after a failure ({text}); see the errors below")
+
+
+SERVICE_FAILURE_RECENT_S = 3_600.0
+
+
+def services_section(conn: sqlite3.Connection, report: Report) -> None:
+    """``daemon.services``: services of the running daemon that failed and were restarted in place. One
+    restarting, or restarted within the hour, is a problem (something made it fail; it may again)."""
+    raw = kv_get(conn, SERVICES_KEY) if table_exists(conn, "kv") else None
+    try:
+        services = json.loads(raw) if raw else {}
+    except ValueError:
+        services = {}
+    if not isinstance(services, dict):
+        return
+    report.data["daemon"]["services"] = services
+    now = time.time()
+    for name, rec in sorted(services.items()):
+        if not isinstance(rec, dict) or not rec.get("restarts"):
+            continue
+        failed_at = rec.get("last_failed_at") or 0.0
+        if rec.get("state") == "restarting" or now - failed_at <= SERVICE_FAILURE_RECENT_S:
+            report.problems.append(
+                f"service '{name}' failed and was restarted {rec['restarts']} time(s), last {iso(failed_at)} "
+                f"({rec.get('last_error', '')[:160]}); the daemon kept running"
+                + (": it is waiting to restart" if rec.get("state") == "restarting" else ""))
 
 
 def storage_section(conn: sqlite3.Connection, config: AgentConfig, report: Report) -> None:

@@ -99,7 +99,7 @@ def build(ctx: Context) -> Components:
     fleet_services: list[Service] = []
     if cfg.fleet.enabled:
         fleet = FleetAgent(node_id=cfg.node_id, settings=cfg.fleet, releases=releases, policies=policies,
-                           modules=modules)
+                           modules=modules, handlers=ctx.handlers)
         # now, while the services are built: no service task runs yet, so a release rolled back for a
         # crash loop is never loaded again (one short SQLite transaction per open window)
         fleet.check_watches(after_failure=ctx.after_failure)

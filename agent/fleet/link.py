@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 
 from agent.errors import AgentError, ConfigError
+from agent.handlers import Handlers
 from agent.logs import get_logger
 from agent.messaging.backoff import Backoff
 
@@ -107,11 +108,13 @@ class FleetLink:
 
     def __init__(self, cfg: LinkConfig, *, subscriptions: list[str], presence_topic: str | None,
                  on_message: MessageHandler, on_state: StateHandler | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, handlers: Handlers | None = None) -> None:
         self.cfg = cfg
         self.subscriptions = list(subscriptions)
         self.presence_topic = presence_topic
-        self.on_message = on_message
+        self._handlers = handlers if handlers is not None else Handlers()
+        # guarded: one bad message (or a bug handling it) costs that message, never the link
+        self.on_message = self._handlers.add("fleet", "release_messages", on_message, tuple(subscriptions))
         self.on_state = on_state
         self._rng = rng or random.Random()
         self._ssl = tls_context(cfg) if cfg.endpoint()[2] else None
@@ -188,10 +191,8 @@ class FleetLink:
                     try:
                         async for message in client.messages:
                             payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-                            try:
-                                await self.on_message(str(message.topic), bytes(payload), bool(message.retain))
-                            except Exception as exc:  # one bad message must not take the link down
-                                log.error("fleet_message_failed", topic=str(message.topic), error=repr(exc))
+                            await self._handlers.acall(self.on_message, str(message.topic), bytes(payload),
+                                                       bool(message.retain))
                     except asyncio.CancelledError:
                         await self._goodbye(client)
                         raise

@@ -29,6 +29,7 @@ from agent.fleet.slots import ModuleSlot, PolicySlot, Slot
 from agent.fleet.swap import SwapOrchestrator
 from agent.fleet.topics import Topics, gateway_scopes
 from agent.fleet.watches import Watch, check_at_start
+from agent.handlers import Handlers
 from agent.logs import get_logger
 from agent.messaging.backoff import Backoff
 from agent.oci.client import RegistryClient, RegistryConfig
@@ -100,7 +101,8 @@ class FleetAgent:
     """Everything of the fleet side of one gateway, independent of the daemon (tests, benchmarks)."""
 
     def __init__(self, *, node_id: str, settings: FleetSettings, releases: ReleaseStore,
-                 policies: PolicyRuntime, modules: ModuleRuntime | None = None) -> None:
+                 policies: PolicyRuntime, modules: ModuleRuntime | None = None,
+                 handlers: Handlers | None = None) -> None:
         self.node_id = node_id
         self.settings = settings
         self.topics = Topics(settings.topic_prefix)
@@ -133,7 +135,8 @@ class FleetAgent:
         if settings.url:
             self._link = FleetLink(link_config(settings, node_id), subscriptions=subscriptions,
                                   presence_topic=self.topics.presence(node_id), on_message=self._on_message,
-                                  on_state=self._on_link_state)
+                                  on_state=self._on_link_state,
+                                  handlers=handlers if handlers is not None else Handlers(releases.store.rejects))
             link = self._link
             self.reporter.publish = lambda topic, payload: link.publish(topic, payload, retain=True)
         # the daemon's STATUS= line (sd_notify / status "doing"); None outside the daemon
