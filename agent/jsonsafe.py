@@ -8,7 +8,9 @@ is decoded here, so one set of rules holds everywhere and a new input path canno
 - no ``NaN``, ``Infinity`` or ``-Infinity`` tokens, and no number that only becomes infinite when
   read (``1e400``): a non-finite value cannot be stored, compared or forwarded to a strict parser;
 - integers within ``INT_MIN..INT_MAX`` (SQLite's signed 64 bits): a 309-digit integer cannot
-  overflow ``float()`` and a 5,000-digit one cannot trip Python's conversion limit further on;
+  overflow ``float()`` and a 5,000-digit one cannot trip Python's conversion limit further on.
+  Rego numbers have arbitrary precision, so what a policy evaluates and returns (and the decision log
+  that records it) may hold longer integers, up to ``Limits.max_int_digits`` digits;
 - at most ``max_depth`` nested arrays/objects (never a ``RecursionError`` in a handler);
 - no duplicate keys in an object (RFC 8259 leaves their meaning to the parser; where a signature
   covers the bytes, two parsers reading different values is an attack);
@@ -35,6 +37,9 @@ INT_MIN = -(2**63)
 INT_MAX = 2**63 - 1
 _MAX_INT_CHARS = 20  # "-9223372036854775808": anything longer is out of range without converting it
 DEFAULT_MAX_DEPTH = 64
+# Rego numbers have arbitrary precision: policy results (and the records that carry them) may hold
+# integers this long; Python converts them in microseconds, and far below its own 4,300-digit limit
+BIG_INT_DIGITS = 1000
 # a \uD800–\uDFFF escape: only these can produce a lone surrogate (strict UTF-8 decoding refuses the rest)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -58,6 +63,8 @@ class Limits:
     max_bytes: int
     max_depth: int = DEFAULT_MAX_DEPTH
     unique_keys: bool = True
+    # None: integers within INT_MIN..INT_MAX; a number: any integer of at most that many digits
+    max_int_digits: int | None = None
 
 
 class _Found(Exception):
@@ -79,6 +86,14 @@ def _int(text: str) -> int:
             return value
     raise _Found("json_integer_out_of_range",
                  f"integer {_token(text)} is outside the accepted range {INT_MIN}..{INT_MAX}")
+
+
+def _big_int(max_digits: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if len(text.lstrip("-")) <= max_digits:
+            return int(text)
+        raise _Found("json_integer_out_of_range", f"integer {_token(text)} has more than {max_digits} digits")
+    return parse
 
 
 def _float(text: str) -> float:
@@ -103,9 +118,25 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_STRICT = json.JSONDecoder(parse_int=_int, parse_float=_float, parse_constant=_constant,
-                           object_pairs_hook=_pairs).decode
-_STRICT_DUPS_OK = json.JSONDecoder(parse_int=_int, parse_float=_float, parse_constant=_constant).decode
+_Decode = Callable[[str], Any]
+_decoders: dict[tuple[bool, int | None], tuple[_Decode, _Decode]] = {}
+
+
+def _decoders_for(limits: Limits) -> tuple[_Decode, _Decode]:
+    """(fast, diagnostic) decoders for ``limits``: built once per kind of limits (few), then shared
+    (they hold no state, so threads can share them)."""
+    key = (limits.unique_keys, limits.max_int_digits)
+    found = _decoders.get(key)
+    if found is None:
+        ints = _int if limits.max_int_digits is None else _big_int(limits.max_int_digits)
+        unique = limits.unique_keys
+        fast = json.JSONDecoder(parse_int=ints, parse_float=_float, parse_constant=_constant,
+                                object_pairs_hook=_pairs if unique else None).decode
+        diagnose = json.JSONDecoder(parse_int=_marking(ints), parse_float=_marking(_float),
+                                    parse_constant=_marking(_constant),
+                                    object_pairs_hook=_marking_pairs if unique else None).decode
+        found = _decoders[key] = (fast, diagnose)
+    return found
 
 
 class _Bad:
@@ -134,11 +165,6 @@ def _marking_pairs(pairs: list[tuple[str, Any]]) -> Any:
         return _Bad(found.code, str(found))
 
 
-# only used after the fast decoder refused a token: finds *where* it was
-_DIAGNOSE = json.JSONDecoder(parse_int=_marking(_int), parse_float=_marking(_float),
-                             parse_constant=_marking(_constant), object_pairs_hook=_marking_pairs).decode
-
-
 MAX_PATH_CHARS = 160
 
 
@@ -152,10 +178,10 @@ def _index_path(path: str, index: int) -> str:
     return path if len(path) > MAX_PATH_CHARS else f"{path}[{index}]"
 
 
-def _locate(text: str) -> str:
+def _locate(text: str, diagnose: _Decode) -> str:
     """The path of the first refused token in ``text`` (which the fast decoder already refused)."""
     try:
-        doc = _DIAGNOSE(text)
+        doc = diagnose(text)
     except (ValueError, RecursionError):
         return "$"
     stack: list[tuple[Any, str]] = [(doc, "$")]
@@ -215,10 +241,11 @@ def loads(data: bytes | bytearray | memoryview | str, limits: Limits) -> Any:
             raise JsonRejected(f"not UTF-8 text ({exc.reason} at byte {exc.start})", code="json_not_utf8") from None
     if text.startswith("\ufeff"):
         raise JsonRejected("starts with a byte order mark (BOM; RFC 8259 forbids one)", code="json_syntax")
+    decode, diagnose = _decoders_for(limits)
     try:
-        doc = (_STRICT if limits.unique_keys else _STRICT_DUPS_OK)(text)
+        doc = decode(text)
     except _Found as found:
-        path = _locate(text)
+        path = _locate(text, diagnose)
         raise JsonRejected(f"{found} (at {path})", code=found.code, path=path) from None
     except RecursionError:
         raise JsonRejected(f"nested deeper than {limits.max_depth} levels", code="json_too_deep") from None

@@ -195,3 +195,18 @@ def test_a_non_finite_actuation_never_reaches_the_decision_log_or_the_cloud(tmp_
         make_record("events", '{"payload": Infinity}', "k", stamp)
     with pytest.raises(OutboxError, match="strict JSON"):
         make_record("events", {"payload": float("inf")}, "k", stamp)
+
+
+def test_a_policy_result_that_is_not_strict_json_fails_the_evaluation() -> None:
+    """Policy results are stored in the decision log and forwarded: a real guest echoing 1e400 (its
+    runtime parses it; Python would read it as infinity) is a failed evaluation, so the gate denies."""
+    from agent.policy.engine import load_policy
+    from agent.policy.errors import PolicyEvalError
+    from agent_devkit.fleet import sandbox_wasm
+
+    policy = load_policy(sandbox_wasm(), name="echo", version=1)
+    rs, _ = policy.evaluate_json(b'{"x": 123456789012345678901234567890}', "ok/echo")  # Rego numbers: big
+    assert rs.raw == [{"result": {"x": 123456789012345678901234567890}}]
+    with pytest.raises(PolicyEvalError) as info:
+        policy.evaluate_json(b'{"x": 1e400}', "ok/echo")
+    assert info.value.code == "bad_result" and "json_non_finite" in str(info.value)

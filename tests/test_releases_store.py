@@ -168,6 +168,7 @@ REJECTIONS: dict[str, Callable[[Signer], tuple[bytes, bytes, dict[str, Any]]]] =
     "key_out_of_scope": lambda s: (wasm_module(), s.sign(wasm_module(), "module", "x-not-allowed", 9), {}),
     "malformed_statement": lambda s: _signed_statement(s, _type="https://example.com/statement"),
     "malformed_predicate": lambda s: _signed_statement(s, predicate_version="nine"),
+    "version_out_of_range": lambda s: _signed_statement(s, predicate_version=2**63),
     "wrong_predicate_type": lambda s: _signed_statement(s, predicateType="https://slsa.dev/provenance/v1"),
     "invalid_opa_bundle": lambda s: (JUNK_GZ, s.sign(JUNK_GZ, "policy", "p", 9), {}),
     "unsigned": lambda s: (wasm_module(), b'{"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json"}', {}),

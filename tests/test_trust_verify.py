@@ -223,7 +223,7 @@ def test_agent_too_old(signer: Signer) -> None:
 
 
 def test_every_code_is_distinct() -> None:
-    assert len(set(E.ALL_CODES)) == len(E.ALL_CODES) == 19
+    assert len(set(E.ALL_CODES)) == len(E.ALL_CODES) == 20
 
 
 # ------------------------------------------------------------------------------------ interop

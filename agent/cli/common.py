@@ -23,6 +23,15 @@ class CliError(AgentError):
     code = "cli_error"
 
 
+class FileTooLarge(CliError):
+    """A file the user named is larger than the command accepts (it was not read to its end)."""
+
+    code = "oversize"
+
+
+MAX_SMALL_FILE_BYTES = 1024 * 1024  # keys, key sets, metadata: far smaller in practice
+
+
 Handler = Callable[[argparse.Namespace], int]
 # argparse names the type of add_subparsers() only privately
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]  # noqa: SLF001
@@ -38,12 +47,19 @@ def config_from(args: argparse.Namespace) -> AgentConfig:
     return load_config(args.config, args.state_dir)
 
 
-def read_file(path: Path, what: str) -> bytes:
-    """The bytes of a file the user named, or an error saying which file and why it cannot be read."""
+def read_file(path: Path, what: str, limit: int = MAX_SMALL_FILE_BYTES) -> bytes:
+    """The bytes of a file the user named, or an error saying which file and why it cannot be read.
+
+    Never more than ``limit`` + 1 bytes are read: ``install /dev/zero`` (or a FIFO, or a file that keeps
+    growing) is refused after one byte past the limit, not after it filled memory."""
     try:
-        return path.read_bytes()
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
     except OSError as exc:
-        raise CliError(f"cannot read the {what} {path}: {exc.strerror}") from None
+        raise CliError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise FileTooLarge(f"the {what} {path} is larger than {limit} bytes, the most this command accepts")
+    return data
 
 
 def run_cli(prog: str, description: str, registrars: Sequence[Registrar], argv: Sequence[str] | None) -> int:

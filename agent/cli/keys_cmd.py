@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from agent import jsonsafe
 from agent.cli.common import EXIT_FAIL, EXIT_OK, read_file
+from agent.trust.bundle import MAX_BUNDLE_BYTES
 from agent.trust.errors import ReleaseRejected, TrustError
 from agent.trust.keys import KEY_TYPES, PrivateKey, generate, load_private_pem, load_public_pem
 from agent.trust.predicate import KINDS
 from agent.trust.truststore import TrustedKey, TrustSet
+from agent.trust.verify import DEFAULT_MAX_ARTIFACT_BYTES
+
+META_LIMITS = jsonsafe.Limits(1024 * 1024, max_depth=32)
 
 PASSPHRASE_ENV = "EDGE_FLEET_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
 
@@ -75,14 +79,14 @@ def handle_sign(args: argparse.Namespace) -> int:
     meta: dict[str, Any] | None = None
     if args.meta is not None:
         try:
-            loaded = json.loads(read_file(args.meta, "metadata file"))
-        except json.JSONDecodeError as exc:
-            raise TrustError(f"{args.meta} is not JSON: {exc}") from None
+            loaded = jsonsafe.loads(read_file(args.meta, "metadata file"), META_LIMITS)
+        except jsonsafe.JsonRejected as exc:  # no agent would accept it: refuse to sign it
+            raise TrustError(f"{args.meta} is not accepted JSON ({exc.code}): {exc}") from None
         if not isinstance(loaded, dict):
             raise TrustError(f"{args.meta} must hold a JSON object (the predicate fields)")
         meta = loaded
     key = load_signing_key(args.key)
-    artifact = read_file(args.artifact, "artifact")
+    artifact = read_file(args.artifact, "artifact", DEFAULT_MAX_ARTIFACT_BYTES)
     bundle = sign_release(key, artifact, args.kind, args.name, args.version, meta=meta,
                           subject_name=args.artifact.name)
     args.out.write_bytes(bundle)
@@ -96,8 +100,8 @@ def handle_verify(args: argparse.Namespace) -> int:
     pub = load_public_pem(read_file(args.key, "public key"))
     trust = TrustSet((TrustedKey(public=pub),))
     try:
-        v = verify_release(read_file(args.artifact, "artifact"), read_file(args.bundle, "bundle"), trust,
-                           args.floor, time.time())
+        v = verify_release(read_file(args.artifact, "artifact", DEFAULT_MAX_ARTIFACT_BYTES),
+                           read_file(args.bundle, "bundle", MAX_BUNDLE_BYTES), trust, args.floor, time.time())
     except ReleaseRejected as exc:
         print(f"REJECTED [{exc.code}]: {exc}", file=sys.stderr)
         return EXIT_FAIL

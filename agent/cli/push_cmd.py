@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from agent.cli.common import EXIT_FAIL, EXIT_OK
+from agent.cli.common import EXIT_FAIL, EXIT_OK, read_file
 from agent.fleet.envelope import encode
 from agent.fleet.link import LinkConfig
 from agent.fleet.manager import push, release_facts, watch_rollout
@@ -40,8 +40,11 @@ def _link(args: argparse.Namespace) -> LinkConfig:
 # --------------------------------------------------------------------------------------------- push
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    artifact = Path(args.artifact).read_bytes()
-    bundle = Path(args.bundle).read_bytes()
+    from agent.trust.bundle import MAX_BUNDLE_BYTES
+    from agent.trust.verify import DEFAULT_MAX_ARTIFACT_BYTES
+
+    artifact = read_file(Path(args.artifact), "artifact", DEFAULT_MAX_ARTIFACT_BYTES)
+    bundle = read_file(Path(args.bundle), "bundle", MAX_BUNDLE_BYTES)
     kind, name, version = release_facts(bundle)
     scope = Scope.parse(args.target)
     topic = Topics(args.prefix).release(scope, kind, name)

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.cli.common import EXIT_FAIL, EXIT_OK, add_config_options, config_from, read_file
+from agent.cli.common import EXIT_FAIL, EXIT_OK, FileTooLarge, add_config_options, config_from, read_file
 from agent.storage import Store
-from agent.trust.errors import ReleaseRejected, TrustError
+from agent.trust.errors import Oversize, ReleaseRejected, TrustError
 from agent.trust.predicate import KINDS
 
 # crypto and the verifier are imported inside the handlers: every `edge-agent` command parses this
@@ -118,9 +118,13 @@ def _rejected(exc: ReleaseRejected) -> int:
 
 
 def handle_update(args: argparse.Namespace) -> int:
+    from agent.trust.bundle import MAX_BUNDLE_BYTES
     from agent.trust.keyset import apply_keyset_job
-    keyset = read_file(args.keyset, "key set")
-    bundle = read_file(args.bundle, "bundle")
+    try:
+        keyset = read_file(args.keyset, "key set")
+        bundle = read_file(args.bundle, "bundle", MAX_BUNDLE_BYTES)
+    except FileTooLarge as exc:
+        return _rejected(Oversize(str(exc)))
     with open_store(args) as store:
         try:
             ks = store.writer.run_sync(apply_keyset_job(keyset, bundle))
@@ -152,6 +156,8 @@ def register_install(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def handle_install(args: argparse.Namespace) -> int:
     from agent.daemon.releases import release_store
+    from agent.trust.bundle import MAX_BUNDLE_BYTES
+    from agent.trust.verify import DEFAULT_MAX_ARTIFACT_BYTES
     config = config_from(args)
     if args.artifact.is_dir():
         from agent.cli.registry_cmd import install_layout, print_layout_rows
@@ -165,8 +171,11 @@ def handle_install(args: argparse.Namespace) -> int:
         return EXIT_FAIL if failed else EXIT_OK
     if args.bundle is None:
         raise TrustError(f"{args.artifact} is a file: give its Sigstore bundle with --bundle")
-    artifact = read_file(args.artifact, "artifact")
-    bundle = read_file(args.bundle, "bundle")
+    try:
+        artifact = read_file(args.artifact, "artifact", DEFAULT_MAX_ARTIFACT_BYTES)
+        bundle = read_file(args.bundle, "bundle", MAX_BUNDLE_BYTES)
+    except FileTooLarge as exc:
+        return _rejected(Oversize(str(exc)))
     with open_store(args) as store:  # checked with the daemon's [policy]/[modules] limits: same verdict
         releases = release_store(store, policy=config.policy, modules=config.modules)
         try:

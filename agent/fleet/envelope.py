@@ -22,13 +22,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from agent import jsonsafe
 from agent.errors import AgentError
 
 FORMAT = "edge-agent.release/v1"
+ENVELOPE_MAX_DEPTH = 32  # the envelope holds the bundle, which holds nothing deep
+STATEMENT_PEEK_LIMITS = jsonsafe.Limits(4 * 1024 * 1024, max_depth=32)
 
 
 class EnvelopeError(AgentError):
@@ -48,18 +50,18 @@ class Envelope:
 
     @property
     def bundle_json(self) -> bytes:
-        return json.dumps(self.bundle, separators=(",", ":")).encode()
+        return jsonsafe.dumps(self.bundle).encode()
 
 
 def encode(kind: str, name: str, version: int, artifact: bytes, bundle: dict[str, Any] | bytes | str) -> bytes:
     """Build the message ``edge-fleet push`` publishes."""
-    bundle_obj = json.loads(bundle) if isinstance(bundle, bytes | str) else bundle
-    return json.dumps({
+    bundle_obj = jsonsafe.loads(bundle, STATEMENT_PEEK_LIMITS) if isinstance(bundle, bytes | str) else bundle
+    return jsonsafe.dumps({
         "format": FORMAT, "kind": kind, "name": name, "version": version,
         "sha256": hashlib.sha256(artifact).hexdigest(),
         "artifact": base64.b64encode(artifact).decode("ascii"),
         "bundle": bundle_obj,
-    }, separators=(",", ":")).encode()
+    }).encode()
 
 
 def decode(payload: bytes, *, max_bytes: int, kind: str | None = None, name: str | None = None) -> Envelope:
@@ -71,9 +73,13 @@ def decode(payload: bytes, *, max_bytes: int, kind: str | None = None, name: str
         raise EnvelopeError(f"release message of {len(payload)} bytes exceeds the limit of {max_bytes} bytes "
                             "(fleet.max_release_bytes)", code="envelope_too_large")
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnvelopeError(f"release message is not JSON: {exc}", code="envelope_not_json") from exc
+        obj = jsonsafe.loads(payload, jsonsafe.Limits(max_bytes, max_depth=ENVELOPE_MAX_DEPTH))
+    except jsonsafe.JsonRejected as exc:
+        if exc.code == "json_integer_out_of_range" and exc.path == "$.version":
+            raise EnvelopeError(f"release message version is past the largest version a gateway can store: {exc}",
+                                code="version_out_of_range") from None
+        raise EnvelopeError(f"release message is not accepted JSON ({exc.code}): {exc}",
+                            code="envelope_not_json") from None
     if not isinstance(obj, dict):
         raise EnvelopeError("release message is not a JSON object", code="envelope_malformed")
     if obj.get("format") != FORMAT:
@@ -107,8 +113,8 @@ def signed_targets(bundle: dict[str, Any]) -> tuple[str, ...]:
     gateways early; whatever is installed is verified in full (targets included)."""
     try:
         env = bundle["dsseEnvelope"]
-        statement = json.loads(base64.b64decode(env["payload"], validate=True))
+        statement = jsonsafe.loads(base64.b64decode(env["payload"], validate=True), STATEMENT_PEEK_LIMITS)
         targets = statement["predicate"].get("targets")
-    except (KeyError, TypeError, AttributeError, ValueError, binascii.Error):
+    except (KeyError, TypeError, AttributeError, ValueError, binascii.Error, jsonsafe.JsonRejected):
         return ()
     return tuple(t for t in targets if isinstance(t, str)) if isinstance(targets, list) else ()

@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlite_utils
 
+from agent import jsonsafe
 from agent.fleet.topics import Topics
 from agent.logs import get_logger
 from agent.storage.writer import Writer
@@ -25,6 +26,7 @@ from agent.storage.writer import Writer
 log = get_logger("fleet")
 
 SCHEMA = "edge-agent.release-status/v1"
+STATUS_LIMITS = jsonsafe.Limits(1024 * 1024, max_depth=16)  # what a gateway reports is small and flat
 # what a gateway reports; "superseded" (an older release that arrived late) stays local
 STATES = ("received", "verified", "rejected", "active", "rolled_back")
 
@@ -56,8 +58,8 @@ class ReleaseStatus:
 def parse_status(payload: bytes) -> dict[str, Any] | None:
     """A status message as a dict, or None if it is not one (empty = cleared retained topic)."""
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        obj = jsonsafe.loads(payload, STATUS_LIMITS)
+    except jsonsafe.JsonRejected:
         return None
     return obj if isinstance(obj, dict) and obj.get("schema") == SCHEMA else None
 

@@ -21,12 +21,12 @@ judges a release healthy on numbers it could not read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import wasmtime
 
+from agent import jsonsafe
 from agent.errors import AgentError
 from agent.fleet.health import HealthSample, quantile_us
 from agent.offload import run_blocking
@@ -40,6 +40,8 @@ from agent.trust.releases import Release, ReleaseStore
 C = TypeVar("C")
 
 HEALTH_POLL_S = 0.05
+RECORDED_LIMITS = jsonsafe.Limits(64 * 1024 * 1024, max_depth=2 * jsonsafe.DEFAULT_MAX_DEPTH,
+                                  max_int_digits=jsonsafe.BIG_INT_DIGITS)
 MODULE_POLL_S = 0.2  # a module window reads SQLite: a little slower than the policy's counters
 # module run outcomes that are the guest's fault in a way a rollback fixes (not e.g. "ok")
 _MODULE_TRAPS = ("trap", "memory", "deadline", "timeout", "exit")
@@ -134,10 +136,10 @@ def shadow_evaluate(policy: Policy, rows: list[tuple[str, str, str]]) -> dict[st
     """
     evaluated = changed = errors = 0
     for raw_input, entrypoint, raw_result in rows:
-        try:
-            doc = json.loads(raw_input)
-            recorded = json.loads(raw_result)
-        except json.JSONDecodeError:
+        try:  # a row an older agent stored with NaN in it is no evidence either way: skipped
+            doc = jsonsafe.loads(raw_input, RECORDED_LIMITS)
+            recorded = jsonsafe.loads(raw_result, RECORDED_LIMITS)
+        except jsonsafe.JsonRejected:
             continue
         evaluated += 1
         try:

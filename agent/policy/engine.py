@@ -46,6 +46,7 @@ from typing import Any, NoReturn
 
 import wasmtime
 
+from agent import jsonsafe
 from agent.config.policy import PolicySettings
 from agent.logs import get_logger
 from agent.policy import json_encoder
@@ -71,6 +72,8 @@ PAGE = 65536
 _I32 = wasmtime.ValType.i32()
 _ENCODE = json_encoder.ENCODE
 _DECODE = json.JSONDecoder().decode
+# the size is capped by max_output_bytes already; Rego numbers may be longer than 64 bits
+RESULT_LIMITS = jsonsafe.Limits(1 << 30, max_depth=128, max_int_digits=jsonsafe.BIG_INT_DIGITS)
 _PACK_EVAL_ARGS = struct.Struct("<" + "i12x" * 7).pack_into
 _memmove = wasm_calls.memmove
 LATENCY_BUCKETS_US = (10, 20, 30, 50, 70, 100, 200, 500, 1000, 5000, 20000, 100000)
@@ -588,7 +591,9 @@ class Policy:
                 text = inst.eval_fast(ep, blob or b"", self._ticks, limit)
             else:
                 text = inst.eval_ctx(ep, blob, self._ticks, limit)
-            raw = _DECODE(text.decode())
+            # strict (no NaN, no 1e400, 64-bit integers): the result set is stored in the decision log and
+            # forwarded to the cloud as it is
+            raw = jsonsafe.loads(text, RESULT_LIMITS)
             end = _perf_ns()
             if inst.builtin_ns and end > inst.deadline_ns:  # a builtin ran, and the whole took too long
                 raise _DeadlineHit("host builtins ran, and the evaluation finished after it")
@@ -705,6 +710,9 @@ class Policy:
             if code != "deadline":  # wasmtime puts the cause ("wasm trap: …") on the last line
                 lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
                 msg = f"policy trapped: {lines[-1] if lines else 'trap'}"
+        elif isinstance(exc, jsonsafe.JsonRejected):
+            code = "bad_result"
+            msg = f"policy produced a result that is not strict JSON ({exc.code}): {msg}"
         elif isinstance(exc, ValueError | UnicodeDecodeError):
             msg = f"policy produced an unreadable result: {msg}"
         self._count_error(code)

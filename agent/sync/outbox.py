@@ -68,8 +68,9 @@ DEGRADE_SLACK = 0.02
 #: Keys longer than this are refused (they are repeated in an index and in every drained batch).
 MAX_KEY = 200
 # records wrap documents that were decoded strictly on the way in (a decision's input holds a module's
-# actuation): generous bounds, only to keep the cloud side strict
-RECORD_LIMITS = jsonsafe.Limits(64 * 1024 * 1024, max_depth=2 * jsonsafe.DEFAULT_MAX_DEPTH)
+# actuation; its result a policy's Rego numbers): generous bounds, only to keep the cloud side strict
+RECORD_LIMITS = jsonsafe.Limits(64 * 1024 * 1024, max_depth=2 * jsonsafe.DEFAULT_MAX_DEPTH,
+                                max_int_digits=jsonsafe.BIG_INT_DIGITS)
 
 
 class OutboxClass(IntEnum):

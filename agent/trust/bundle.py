@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from agent import jsonsafe
 from agent.trust.dsse import Envelope, parse_envelope
 from agent.trust.errors import MalformedBundle, Unsigned
 
@@ -22,6 +23,7 @@ ACCEPTED_MEDIA_TYPES = (
     "application/vnd.dev.sigstore.bundle+json;version=0.2",
 )
 MAX_BUNDLE_BYTES = 4 * 1024 * 1024
+BUNDLE_LIMITS = jsonsafe.Limits(MAX_BUNDLE_BYTES, max_depth=32)
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,9 @@ def parse_bundle(data: bytes) -> Bundle:
     if len(data) > MAX_BUNDLE_BYTES:
         raise MalformedBundle(f"the bundle is {len(data)} bytes; bundles over {MAX_BUNDLE_BYTES} are refused")
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedBundle(f"the bundle is not JSON: {exc}") from None
+        obj = jsonsafe.loads(data, BUNDLE_LIMITS)
+    except jsonsafe.JsonRejected as exc:
+        raise MalformedBundle(f"the bundle is not accepted JSON ({exc.code}): {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedBundle("the bundle must be a JSON object")
     media_type = obj.get("mediaType")

@@ -53,6 +53,13 @@ class MalformedPredicate(ReleaseRejected):
     code = "malformed_predicate"
 
 
+class VersionOutOfRange(MalformedPredicate):
+    """A version past what the gateway can store and compare (1 .. 2^63 - 1, SQLite's signed 64 bits):
+    refused when signing and when verifying, never a traceback at install."""
+
+    code = "version_out_of_range"
+
+
 class WrongPredicateType(ReleaseRejected):
     code = "wrong_predicate_type"
 
@@ -118,5 +125,5 @@ class KeysetRejected(ReleaseRejected):
 
 ALL_CODES: tuple[str, ...] = tuple(c.code for c in (
     Unsigned, BadSignature, UnknownKey, KeyOutOfScope, DigestMismatch, MalformedBundle, MalformedStatement,
-    MalformedPredicate, WrongPredicateType, VersionNotNewer, Expired, NotYetValid, InvalidWasm,
+    MalformedPredicate, VersionOutOfRange, WrongPredicateType, VersionNotNewer, Expired, NotYetValid, InvalidWasm,
     InvalidOpaBundle, UnsafeArchive, Oversize, AgentTooOld, PolicyUnsupported, ModuleUnsupported))

@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlite_utils
 
+from agent import jsonsafe
 from agent.trust.errors import DigestMismatch, KeysetRejected, TrustError
 from agent.trust.keys import PrivateKey, load_public_pem
 from agent.trust.signer import sign_statement
@@ -33,6 +34,7 @@ from agent.trust.verify import verify_statement
 
 KEYSET_PREDICATE_TYPE = "urn:edge-agent:keyset:v1"
 SEQUENCE_KEY = "keyset_sequence"
+KEYSET_LIMITS = jsonsafe.Limits(1024 * 1024, max_depth=16)
 
 
 @dataclass(frozen=True)
@@ -45,22 +47,29 @@ class KeySet:
 
 def parse_keyset(data: bytes) -> KeySet:
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KeysetRejected(f"the key set is not JSON: {exc}") from None
+        obj = jsonsafe.loads(data, KEYSET_LIMITS)
+    except jsonsafe.JsonRejected as exc:
+        raise KeysetRejected(f"the key set is not accepted JSON ({exc.code}): {exc}") from None
     if not isinstance(obj, dict):
         raise KeysetRejected("the key set must be a JSON object")
     seq = obj.get("sequence")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise KeysetRejected("key set 'sequence' must be an integer >= 1")
     keys: list[TrustedKey] = []
-    for i, entry in enumerate(obj.get("keys", [])):
+    entries = obj.get("keys", [])
+    if not isinstance(entries, list):
+        raise KeysetRejected("key set 'keys' must be a list of objects")
+    for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("public_key"), str):
             raise KeysetRejected(f"key set keys[{i}] must be an object with a PEM 'public_key'")
+        kinds_raw, names, comment = entry.get("kinds", []), entry.get("names", "*"), entry.get("comment", "")
+        if not isinstance(kinds_raw, list) or not all(isinstance(k, str) for k in kinds_raw):
+            raise KeysetRejected(f"key set keys[{i}].kinds must be a list of strings")
+        if not isinstance(names, str) or not isinstance(comment, str):
+            raise KeysetRejected(f"key set keys[{i}].names and .comment must be strings")
         try:
             pub = load_public_pem(entry["public_key"])
-            kinds = tuple(entry.get("kinds", []))
-            names = str(entry.get("names", "*"))
+            kinds = tuple(kinds_raw)
             check_scope(kinds, names)
         except TrustError as exc:
             raise KeysetRejected(f"key set keys[{i}]: {exc}") from None
@@ -68,7 +77,7 @@ def parse_keyset(data: bytes) -> KeySet:
         if role not in ROLES:
             raise KeysetRejected(f"key set keys[{i}].role must be 'release' or 'root'")
         keys.append(TrustedKey(public=pub, kinds=kinds, names=names, role=role, source=f"keyset:{seq}",
-                               comment=str(entry.get("comment", ""))))
+                               comment=comment))
     revoked = obj.get("revoked", [])
     if not isinstance(revoked, list) or not all(isinstance(r, str) and len(r) == 64 for r in revoked):
         raise KeysetRejected("key set 'revoked' must be a list of 64-hex-digit key ids")

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from agent.trust.errors import MalformedPredicate
+from agent.jsonsafe import INT_MAX
+from agent.trust.errors import MalformedPredicate, VersionOutOfRange
 
 RELEASE_PREDICATE_TYPE = "urn:edge-agent:release:v1"
 KINDS: tuple[str, ...] = ("module", "policy")
 Kind = Literal["module", "policy"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_VERSION = INT_MAX  # versions are stored (floors, releases) as SQLite's signed 64-bit integers
 _VERSION_RE = re.compile(r"^\d+(\.\d+){0,3}$")
 
 
@@ -38,6 +40,12 @@ class ReleasePredicate:
     def targets_node(self, node_id: str) -> bool:
         """True if the release is meant for ``node_id`` (no targets = every node)."""
         return not self.targets or any(fnmatch.fnmatchcase(node_id, t) for t in self.targets)
+
+
+def check_version(version: int, what: str) -> None:
+    if version > MAX_VERSION:
+        raise VersionOutOfRange(f"{what} {str(version)[:24]}{'…' if len(str(version)) > 24 else ''} is past the "
+                                f"largest version a gateway can store ({MAX_VERSION}); publish a smaller version")
 
 
 def parse_time(value: object, what: str) -> float:
@@ -81,6 +89,7 @@ def parse_predicate(obj: object) -> ReleasePredicate:
     version = obj.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise MalformedPredicate(f"predicate.version must be an integer >= 1; got {version!r}")
+    check_version(version, "predicate.version")
     entrypoints = _str_list(obj.get("entrypoints", []), "entrypoints")
     trigger = obj.get("trigger")
     if trigger is not None and (not isinstance(trigger, dict) or not isinstance(trigger.get("type"), str)):

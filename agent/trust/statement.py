@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from agent.trust.errors import MalformedStatement
+from agent import jsonsafe
+from agent.trust.errors import MalformedStatement, VersionOutOfRange
 
 STATEMENT_V1 = "https://in-toto.io/Statement/v1"
 STATEMENT_V01 = "https://in-toto.io/Statement/v0.1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# the signed payload: strict JSON, and no duplicate keys above all (two parsers reading two different
+# digests or versions out of the same signed bytes is how a signature gets reused)
+STATEMENT_LIMITS = jsonsafe.Limits(4 * 1024 * 1024, max_depth=32)
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,12 @@ class Statement:
 
 def parse_statement(payload: bytes) -> Statement:
     try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedStatement(f"the signed payload is not JSON: {exc}") from None
+        obj = jsonsafe.loads(payload, STATEMENT_LIMITS)
+    except jsonsafe.JsonRejected as exc:
+        if exc.code == "json_integer_out_of_range" and exc.path == "$.predicate.version":
+            raise VersionOutOfRange(f"predicate.version is past the largest version a gateway can store: {exc}") \
+                from None
+        raise MalformedStatement(f"the signed payload is not accepted JSON ({exc.code}): {exc}") from None
     if not isinstance(obj, dict):
         raise MalformedStatement("the in-toto statement must be a JSON object")
     st_type = obj.get("_type")
@@ -59,4 +65,4 @@ def build_statement(subject_name: str, sha256: str, predicate_type: str, predica
         "predicateType": predicate_type,
         "predicate": predicate,
     }
-    return json.dumps(obj, separators=(",", ":"), sort_keys=False).encode()
+    return jsonsafe.dumps(obj).encode()  # what no agent accepts (NaN, 1e400) cannot be signed

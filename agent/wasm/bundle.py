@@ -15,17 +15,19 @@ path (``a/b/data.json`` → ``data.a.b``); ``.manifest`` gives the wasm entrypoi
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import jsonsafe
 from agent.errors import AgentError
 
 MAX_MEMBER_BYTES = 16 * 1024 * 1024
 MAX_TOTAL_BYTES = 64 * 1024 * 1024
 MAX_MEMBERS = 4096
+# data documents nest as deep as a policy's data does: generous, but bounded like every other input
+DATA_LIMITS = jsonsafe.Limits(MAX_MEMBER_BYTES, max_depth=128)
 
 
 class BundleError(AgentError):
@@ -143,15 +145,20 @@ def _merge(into: dict[str, Any], doc: dict[str, Any], member: str) -> None:
 
 def _json(member: str, blob: bytes) -> Any:
     try:
-        return json.loads(blob)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleError(f"bundle member {member!r} is not valid JSON: {exc}") from exc
+        return jsonsafe.loads(blob, DATA_LIMITS)
+    except jsonsafe.JsonRejected as exc:
+        raise BundleError(f"bundle member {member!r} is not valid JSON ({exc.code}): {exc}") from None
 
 
 def read_bundle(source: bytes | Path, **limits: int) -> Bundle:
     """Read and validate an OPA Wasm bundle: policy.wasm, merged data, manifest entrypoints."""
     files = read_members(source, **limits)
     wasm_names = [n for n in files if n.rsplit("/", 1)[-1] == "policy.wasm"]
+    if len(wasm_names) > 1:
+        # which one is "the" policy would depend on the reader: the one checked at install might not
+        # be the one a later reader runs
+        raise BundleError(f"bundle holds {len(wasm_names)} members named policy.wasm ({sorted(wasm_names)[:4]}); "
+                          "a bundle has exactly one", code="bundle_unsafe")
     manifest: dict[str, Any] = {}
     if ".manifest" in files:
         loaded = _json(".manifest", files[".manifest"])
