@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import sqlite_utils
 
+from agent import jsonsafe
 from agent.errors import AgentError
 from agent.fleet.envelope import Envelope
 from agent.fleet.receiver import Delivery, ReleaseReceiver
@@ -51,7 +52,7 @@ from agent.oci.formats import (
 )
 from agent.offload import run_blocking
 from agent.storage.db import connect_reader
-from agent.trust.bundle import MAX_BUNDLE_BYTES, parse_bundle
+from agent.trust.bundle import BUNDLE_LIMITS, MAX_BUNDLE_BYTES, parse_bundle
 from agent.trust.desired import DesiredRelease, DesiredState, verify_desired
 from agent.trust.errors import ReleaseRejected
 from agent.trust.releases import ReleaseStore
@@ -62,6 +63,7 @@ log = get_logger("fleet")
 
 DOORBELL_FORMAT = "edge-agent.doorbell/v1"
 MAX_DOORBELL_BYTES = 1024
+DOORBELL_LIMITS = jsonsafe.Limits(MAX_DOORBELL_BYTES, max_depth=4)
 BUNDLE_CANDIDATES = 4  # signatures tried per release (newest first)
 
 
@@ -112,8 +114,8 @@ def parse_doorbell(topic_prefix: str, topic: str, payload: bytes) -> Doorbell | 
         return None
     try:
         scope = Scope.parse(topic[len(head):])
-        obj = json.loads(payload)
-    except (TopicError, UnicodeDecodeError, json.JSONDecodeError):
+        obj = jsonsafe.loads(payload, DOORBELL_LIMITS)
+    except (TopicError, jsonsafe.JsonRejected):
         return None
     if not isinstance(obj, dict) or obj.get("format") != DOORBELL_FORMAT or obj.get("scope") != str(scope):
         return None
@@ -440,7 +442,7 @@ class RegistryPuller:
                 continue
             predicate = statement.predicate if isinstance(statement.predicate, dict) else {}
             if statement.subject_sha256 == entry.sha256 and predicate.get("version") == entry.version:
-                obj = json.loads(data)
+                obj = jsonsafe.loads(data, BUNDLE_LIMITS)  # parsed strictly just above: cannot fail
                 assert isinstance(obj, dict)
                 return obj
         raise RegistryError(f"{entry.repository}@{entry.digest[:19]}… has no signature for {entry.kind} "

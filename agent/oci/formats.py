@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from agent import jsonsafe
 from agent.errors import AgentError
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -66,6 +67,7 @@ ANN_BUNDLE_CONTENT = "dev.sigstore.bundle.content"
 ANN_BUNDLE_PREDICATE = "dev.sigstore.bundle.predicateType"
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # distribution's own limit for manifests
+MANIFEST_LIMITS = jsonsafe.Limits(MAX_MANIFEST_BYTES, max_depth=32)
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _REPO = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
@@ -189,9 +191,9 @@ def _load(raw: bytes, what: str) -> dict[str, Any]:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise OciFormatError(f"{what} of {len(raw)} bytes exceeds {MAX_MANIFEST_BYTES} bytes")
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OciFormatError(f"{what} is not JSON: {exc}") from None
+        obj = jsonsafe.loads(raw, MANIFEST_LIMITS)
+    except jsonsafe.JsonRejected as exc:
+        raise OciFormatError(f"{what} is not accepted JSON ({exc.code}): {exc}") from None
     if not isinstance(obj, dict):
         raise OciFormatError(f"{what} is not a JSON object")
     if obj.get("schemaVersion") != 2:

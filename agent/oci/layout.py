@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import jsonsafe
 from agent.oci.formats import (
     ANN_REF_NAME,
     BUNDLE_TYPES,
@@ -83,11 +84,12 @@ class Layout:
         if not self.path.is_dir():
             raise LayoutError(f"{self.path} is not a directory (an OCI image layout is one)")
         try:
-            obj = json.loads(marker.read_bytes()[:4096])
+            with marker.open("rb") as fh:
+                obj = jsonsafe.loads(fh.read(4097), jsonsafe.Limits(4096, max_depth=4))
         except OSError:
             raise LayoutError(f"{self.path} is not an OCI image layout: no oci-layout file") from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise LayoutError(f"{marker} is not JSON") from None
+        except jsonsafe.JsonRejected as exc:
+            raise LayoutError(f"{marker} is not accepted JSON ({exc.code}): {exc}") from None
         if not isinstance(obj, dict) or obj.get("imageLayoutVersion") != LAYOUT_VERSION:
             raise LayoutError(f"{marker}: imageLayoutVersion must be {LAYOUT_VERSION!r}")
 

@@ -21,11 +21,11 @@ whole release verification (signature, floor, content) before anything is stored
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from agent import jsonsafe
 from agent.trust.bundle import build_bundle, dump_bundle
 from agent.trust.dsse import INTOTO_PAYLOAD_TYPE, Envelope, Signature, pae
 from agent.trust.errors import KeyOutOfScope, MalformedPredicate, ReleaseRejected
@@ -146,7 +146,7 @@ def sign_desired(key: PrivateKey, state: DesiredState) -> bytes:
         "predicateType": DESIRED_PREDICATE_TYPE,
         "predicate": predicate,
     }
-    payload = json.dumps(statement, separators=(",", ":")).encode()
+    payload = jsonsafe.dumps(statement).encode()  # what no gateway accepts (NaN, 1e400) cannot be signed
     envelope = Envelope(payload_type=INTOTO_PAYLOAD_TYPE, payload=payload,
                         signatures=(Signature(sig=key.sign(pae(INTOTO_PAYLOAD_TYPE, payload)), keyid=""),))
     return dump_bundle(build_bundle(envelope, key.public.hint))
