@@ -8,6 +8,8 @@ build from source (the example modules, the demo gate policy) need a source chec
 - :mod:`agent_devkit.localbus` — broker configs that persist sessions, publishers;
 - :mod:`agent_devkit.edgecore` — a strict EdgeCore device-twin peer on a real broker;
 - :mod:`agent_devkit.uplink` — the cloud side of the outbox uplink (counts every record key);
+- :mod:`agent_devkit.registry` — a real OCI registry (Debian's docker-registry) on a free loopback
+  port: TLS, htpasswd, a bearer-token issuer, pull-through cache mode;
 - :mod:`agent_devkit.tls` — a throw-away PKI; :mod:`agent_devkit.fleet` — a fleet world (broker,
   gateways, manager);
 - :mod:`agent_devkit.releases` — keys, really-signed releases, trusting keys in a state dir;

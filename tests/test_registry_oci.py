@@ -38,7 +38,7 @@ from agent.oci.formats import (
 from agent.oci.publish import Publisher, PublishError, RegistryTarget, choose_referrers_mode
 from agent.trust.truststore import TrustSet
 from agent.trust.verify import verify_release
-from agent_devkit.registry import Registry, htpasswd_file, running_registry
+from agent_devkit.registry import Registry, TokenServer, htpasswd_file, running_registry
 from agent_devkit.releases import Signer, padded_wasm, wasm_module
 from agent_devkit.tls import TestPKI
 
@@ -223,6 +223,33 @@ def test_tls_private_ca_and_basic_auth(tmp_path: Path, signer: Signer) -> None:
             _pull(RegistryConfig(reg.url, ca=str(pki.ca)), get)
         with pytest.raises(RegistryUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
             _pull(RegistryConfig(reg.url, username="fleet", password="s3cret-push"), get)
+
+
+def test_bearer_token_flow_of_the_distribution_spec(tmp_path: Path, signer: Signer) -> None:
+    """The registry answers 401 ``Bearer realm=…,service=…,scope=…``; the client gets a token from the
+    realm with the configured user (basic) and retries; without credentials the token grants nothing."""
+    issuer = TokenServer(tmp_path / "token", {"gateways": "pull-secret"})
+    try:
+        with running_registry(tmp_path / "reg", token=issuer) as reg:
+            wasm, bundle = _release(signer, 1)
+            art = release_artifact("module", "counter", 1, wasm, bundle)
+            # oras-py's token backend does the same flow for the publisher
+            Publisher(RegistryTarget(reg.url, "gateways", "pull-secret")).push_release(REPO, "v1", art)
+            cfg = RegistryConfig(reg.url, username="gateways", password="pull-secret")
+
+            async def get(client: RegistryClient) -> tuple[bytes, int]:
+                m = await client.manifest(REPO, "v1")
+                data = await client.download(REPO, m.layers[0].digest, m.layers[0].size, tmp_path, limit=1 << 20)
+                return data, len(client._tokens)
+            issued = issuer.issued
+            data, tokens = _pull(cfg, get)
+            assert data == wasm and tokens == 1 and issuer.issued == issued + 1  # one token, reused
+            with pytest.raises(RegistryAuthError):
+                _pull(RegistryConfig(reg.url), get)  # anonymous: a token without access
+            with pytest.raises(RegistryAuthError, match="refused the credentials"):
+                _pull(RegistryConfig(reg.url, username="gateways", password="wrong"), get)
+    finally:
+        issuer.close()
 
 
 def test_pull_through_cache_mirror_serves_and_a_dead_mirror_falls_back(tmp_path: Path, signer: Signer) -> None:

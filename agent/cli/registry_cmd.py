@@ -343,8 +343,9 @@ def print_layout_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
             print(f"REJECTED [{r['code']}] {r['ref_name'] or r['manifest'][:19]}: {r['reason']}", file=sys.stderr)
         else:
             verb = {"staged": "staged", "already active": "already active:"}.get(r["state"], "installed")
+            state = "" if r["state"] == "already active" else f" state={r['state']}"
             print(f"{verb} {r['kind']} {r['name']} v{r['version']} "
-                  f"sha256={r['sha256'][:16]} signer={r['signer'][:16]} state={r['state']} (from {r['ref_name']})")
+                  f"sha256={r['sha256'][:16]} signer={r['signer'][:16]}{state} (from {r['ref_name']})")
 
 
 __all__ = ["EXIT_USAGE", "TrustError", "install_layout", "print_layout_rows", "register_export",

@@ -113,6 +113,8 @@ class Publisher:
         if target.username:
             self.registry.auth.set_basic_auth(target.username, target.password)
         self.bytes_uploaded = 0
+        self.backend = backend
+        self._scoped_repo: str | None = None
 
     def _auth_backend(self) -> str:
         """Ping ``/v2/`` once with a short timeout (oras-py itself retries for minutes): a wrong URL, CA
@@ -145,6 +147,24 @@ class Publisher:
         return "basic" if challenge.lower().startswith("basic") else "token"
 
     # -- primitives ------------------------------------------------------------------------------------
+    def _scope(self, repo: str) -> None:
+        """oras-py 0.2.43 caches ONE bearer token per client and re-sends it whatever scope a later 401
+        asks for, so a token obtained for ``pull`` fails the ``push`` that follows (and another
+        repository). Before working on a repository, drop the cached token and start with a push
+        request, whose challenge asks for ``pull,push``: the next token covers everything here."""
+        if self.backend != "token" or self._scoped_repo == repo:
+            return
+        self.registry.auth.token = None
+        r = self.registry.do_request(self._url(repo, "blobs", "uploads/"), "POST",
+                                     headers={"Content-Length": "0"})
+        self._check(r, f"starting an upload to {repo}")
+        location = r.headers.get("Location", "")
+        if location:  # nothing is uploaded: cancel the session that only bought the token
+            if location.startswith("/"):
+                location = f"{'http' if self.target.insecure else 'https'}://{self.host}{location}"
+            self.registry.do_request(location, "DELETE")
+        self._scoped_repo = repo
+
     def _url(self, repo: str, kind: str, ref: str) -> str:
         return f"{'http' if self.target.insecure else 'https'}://{self.host}/v2/{repo}/{kind}/{ref}"
 
@@ -157,6 +177,7 @@ class Publisher:
         return response
 
     def push_blob(self, repo: str, data: bytes, media_type: str) -> Descriptor:
+        self._scope(repo)
         desc = Descriptor.of(media_type, data)
         container = self.registry.get_container(f"{self.host}/{repo}")
         layer = {"mediaType": media_type, "digest": desc.digest, "size": desc.size}
@@ -169,6 +190,7 @@ class Publisher:
         return desc
 
     def put_manifest(self, repo: str, ref: str, raw: bytes, media_type: str = MANIFEST) -> dict[str, str]:
+        self._scope(repo)
         r = self._check(self.registry.do_request(self._url(repo, "manifests", ref), "PUT", data=raw,
                                                  headers={"Content-Type": media_type}),
                         f"PUT manifest {repo}:{ref}")
@@ -178,6 +200,7 @@ class Publisher:
         return dict(r.headers)
 
     def get_manifest(self, repo: str, ref: str, accept: str = MANIFEST) -> bytes | None:
+        self._scope(repo)
         r = self.registry.do_request(self._url(repo, "manifests", ref), "GET", headers={"Accept": accept})
         if r.status_code == 404:
             return None
@@ -187,6 +210,7 @@ class Publisher:
         return bytes(r.content)
 
     def blob_bytes(self, repo: str, digest: str, limit: int = 4 * 1024 * 1024) -> bytes:
+        self._scope(repo)
         r = self._check(self.registry.get_blob(f"{self.host}/{repo}", digest), f"GET blob {digest[:19]}…")
         data = bytes(r.content[: limit + 1])
         if len(data) > limit or digest_of(data) != digest:
@@ -194,6 +218,7 @@ class Publisher:
         return data
 
     def referrers(self, repo: str, digest: str) -> Referrers:
+        self._scope(repo)
         r = self.registry.do_request(self._url(repo, "referrers", digest), "GET", headers={"Accept": INDEX})
         if r.status_code == 200 and r.headers.get("Content-Type", "").split(";")[0] == INDEX:
             return Referrers("api", parse_index(r.content))
