@@ -199,3 +199,26 @@ async def test_registry_down_changes_nothing_and_the_next_pull_catches_up(world:
             registry.start()
             puller.kick()
             await mgr.wait_state("gw-1", 2, "active", limit_s=30)
+
+
+@async_test
+async def test_a_refused_release_is_not_downloaded_again_every_poll(world: FleetWorld, registry: Registry) -> None:
+    """A release the gateway refuses (here: it needs a newer agent) is fetched once, reported rejected,
+    and then waits out a backoff instead of being downloaded on every pull."""
+    gw = world.gateway("gw-1", registry=registry.url, registry_poll_s=120.0)
+    trust = TrustSet((world.signer.trusted(),))
+    wasm = sandbox_wasm()
+    publish(Publisher(RegistryTarget(registry.url)), artifact=wasm,
+            bundle=world.signer.sign(wasm, "policy", "gate", 1, min_agent_version="99.0"), targets=[Scope("all")],
+            repo_prefix="edge", trust=trust, signing_key=world.signer.key)
+    async with running(gw), manager(world) as mgr:
+        st = await mgr.wait_state("gw-1", 1, "rejected", limit_s=30)
+        assert st["code"] == "agent_too_old"
+        puller = gw.agent.puller
+        assert puller is not None
+        for _ in range(3):
+            puller.synced.clear()
+            puller.kick()
+            await asyncio.wait_for(puller.synced.wait(), 15)
+        assert puller.counters.releases_fetched == 1 and puller.counters.releases_skipped >= 3
+        assert gw.releases.active("policy", "gate") is None

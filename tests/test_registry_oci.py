@@ -92,8 +92,12 @@ def test_publish_writes_an_oci_11_artifact_and_a_tag_schema_referrer(registry: R
     referrer = parse_manifest(art.referrer)
     assert referrer.subject is not None and referrer.subject.digest == manifest.digest
     assert referrer.artifact_type == BUNDLE and referrer.layers[0].media_type == BUNDLE
-    # publishing the same release again adds nothing to the referrers index
-    Publisher(RegistryTarget(registry.url)).push_release(REPO, "v1", art)
+    # publishing the same release again (a new referrer timestamp) adds nothing to the referrers index
+    again_art = release_artifact("module", "counter", 1, wasm, bundle, existing=art.manifest,
+                                 created="2030-01-01T00:00:00Z")
+    assert again_art.referrer != art.referrer
+    again_report = Publisher(RegistryTarget(registry.url)).push_release(REPO, "v1", again_art)
+    assert again_report.referrer == report.referrer and again_report.digest == report.digest
     again = _pull(RegistryConfig(registry.url), lambda c: c.referrers(REPO, manifest.digest))
     assert again[0] is not None and len(again[0].manifests) == 1
 

@@ -40,6 +40,8 @@ from agent.trust.predicate import RELEASE_PREDICATE_TYPE
 from agent.trust.truststore import TrustSet
 from agent.trust.verify import VerifiedRelease, verify_release
 
+NO_AGENT_LIMIT = "999999"
+
 
 class PublishRefused(AgentError):
     """``publish`` refused before writing anything (the message names the flag that fixes it)."""
@@ -83,7 +85,8 @@ def verify_locally(artifact: bytes, bundle: bytes, trust: TrustSet) -> VerifiedR
     if not trust.keys:
         raise PublishRefused("no public key to verify against: give the fleet's key(s) with --trust PUB.pem")
     try:
-        return verify_release(artifact, bundle, trust, None, time.time())
+        # min_agent_version is the gateways' business: this tool's own version says nothing about theirs
+        return verify_release(artifact, bundle, trust, None, time.time(), agent_version=NO_AGENT_LIMIT)
     except ReleaseRejected as exc:
         raise PublishRefused(f"the release does not verify under the --trust key(s) [{exc.code}]: {exc}",
                              code=exc.code) from None
@@ -129,7 +132,7 @@ def publish(publisher: Publisher, *, artifact: bytes, bundle: bytes, targets: Se
                            predicate_type=RELEASE_PREDICATE_TYPE, existing=existing)
     # every target's current desired state is read and judged before anything is written
     plans: list[tuple[str, str, DesiredState | None]] = []
-    entry = DesiredRelease(v.kind, v.name, v.version, v.sha256, art.digest, repo)
+    entry = DesiredRelease(v.kind, v.name, v.version, v.sha256, art.digest, repo, art.bundle_layer.digest)
     for scope, tag in tags:
         current = None
         found = publisher.current_desired(desired_repo, tag)

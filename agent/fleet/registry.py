@@ -263,6 +263,8 @@ class RegistryPuller:
         self.memory: dict[str, ScopeMemory] = {}
         self._states: dict[str, DesiredState] = {}  # the last verified document per scope
         self._offered: set[tuple[str, str, int, str]] = set()
+        self._tries: dict[tuple[str, str, int, str], int] = {}
+        self._retry_at: dict[tuple[str, str, int, str], float] = {}
         self._wake = asyncio.Event()
         self._pending: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -399,13 +401,41 @@ class RegistryPuller:
             return True
         if ident in self._offered and self.receiver.in_flight(entry.kind, entry.name):
             return True
+        if time.monotonic() < self._retry_at.get(ident, 0.0):
+            return True  # refused or failed before: not again until its backoff has passed
         floor = await self.ledger.floor(entry.kind, entry.name)
         return floor is not None and entry.version <= floor
 
+    @staticmethod
+    def _about(bundle: bytes, entry: DesiredRelease) -> bool:
+        """The bundle's (unverified) statement is about these bytes and this version."""
+        statement = parse_statement(parse_bundle(bundle).envelope.payload)
+        predicate = statement.predicate if isinstance(statement.predicate, dict) else {}
+        return statement.subject_sha256 == entry.sha256 and predicate.get("version") == entry.version
+
+    def _back_off(self, ident: tuple[str, str, int, str]) -> None:
+        """A release that was fetched and then refused (or failed to fetch) waits before the next try:
+        one poll period, doubling up to a day — a permanently bad release is not downloaded every poll,
+        one the gateway can take later (a key added, the clock fixed) is still taken."""
+        tries = self._tries.get(ident, 0) + 1
+        self._tries[ident] = tries
+        self._retry_at[ident] = time.monotonic() + min(self.settings.poll_s * 2 ** (tries - 1), 86400.0)
+
     async def _fetch(self, entry: DesiredRelease, scope: str) -> None:
+        ident = (entry.kind, entry.name, entry.version, entry.sha256)
+        if ident in self._offered and ident not in self.receiver.seen \
+                and not self.receiver.in_flight(entry.kind, entry.name) and ident not in self._retry_at:
+            self._back_off(ident)  # handed over last time and not taken: the receiver refused it
         if await self._have(entry):
             self.counters.releases_skipped += 1
             return
+        try:
+            await self._fetch_now(entry, scope)
+        except (RegistryError, OciFormatError):
+            self._back_off(ident)
+            raise
+
+    async def _fetch_now(self, entry: DesiredRelease, scope: str) -> None:
         manifest = await self.client.manifest(entry.repository, entry.digest)
         layer = release_layer(manifest, entry.sha256)
         artifact = await self.client.download(entry.repository, layer.digest, layer.size, self.work_dir,
@@ -417,12 +447,24 @@ class RegistryPuller:
         log.info("fleet_registry_release_fetched", scope=scope, kind=entry.kind, release=entry.name,
                  version=entry.version, bytes=len(artifact))
         self.receiver.offer(Delivery(env, Scope.parse(scope)))
-        self._offered.add((entry.kind, entry.name, entry.version, entry.sha256))
+        ident = (entry.kind, entry.name, entry.version, entry.sha256)
+        self._offered.add(ident)
+        self._retry_at.pop(ident, None)  # judged by the receiver now; a refusal starts the next backoff
         self.counters.offered += 1
 
     async def _bundle(self, entry: DesiredRelease, manifest: Any) -> dict[str, Any]:
         """The first candidate signature that is about these bytes and this version (read, not trusted:
-        the receiver's verification decides). Bundled layers first, then the referrers."""
+        the receiver's verification decides): the one the signed desired state names (one request),
+        else bundled layers, then the referrers (API or tag schema)."""
+        if entry.bundle:
+            try:
+                data = await self.client.blob(entry.repository, entry.bundle, limit=MAX_BUNDLE_BYTES)
+                if self._about(data, entry):
+                    obj = jsonsafe.loads(data, BUNDLE_LIMITS)  # parsed strictly just above: cannot fail
+                    assert isinstance(obj, dict)
+                    return obj
+            except (RegistryError, ReleaseRejected) as exc:
+                log.info("fleet_registry_named_bundle_unusable", release=entry.name, error=str(exc)[:200])
         candidates = list(bundle_layers(manifest))
         index, _how = await self.client.referrers(entry.repository, entry.digest)
         refs = sorted((d for d in (index.manifests if index else ()) if d.artifact_type in BUNDLE_TYPES),
@@ -436,12 +478,11 @@ class RegistryPuller:
         for desc in candidates[:BUNDLE_CANDIDATES + 1]:
             try:
                 data = await self.client.blob(entry.repository, desc.digest, limit=MAX_BUNDLE_BYTES)
-                statement = parse_statement(parse_bundle(data).envelope.payload)
+                about = self._about(data, entry)
             except (RegistryError, ReleaseRejected) as exc:
                 problems.append(str(exc))
                 continue
-            predicate = statement.predicate if isinstance(statement.predicate, dict) else {}
-            if statement.subject_sha256 == entry.sha256 and predicate.get("version") == entry.version:
+            if about:
                 obj = jsonsafe.loads(data, BUNDLE_LIMITS)  # parsed strictly just above: cannot fail
                 assert isinstance(obj, dict)
                 return obj

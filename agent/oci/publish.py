@@ -234,6 +234,12 @@ class Publisher:
                                  (art.bundle, art.bundle_layer.media_type)):
             report.blobs.append(self.push_blob(repo, data, media_type).digest)
         self.put_manifest(repo, tag, art.manifest)
+        existing = self.attached(repo, art)
+        if existing is not None:  # this very bundle is attached already: publishing again adds nothing
+            report.referrer, report.referrers_mode = existing
+            report.bytes_uploaded = self.bytes_uploaded
+            self.confirm_release(repo, tag, art, report)
+            return report
         ref = art.referrer_descriptor
         headers = self.put_manifest(repo, ref.digest, art.referrer)
         report.referrer = ref.digest
@@ -246,6 +252,17 @@ class Publisher:
         report.bytes_uploaded = self.bytes_uploaded
         self.confirm_release(repo, tag, art, report)
         return report
+
+    def attached(self, repo: str, art: ReleaseArtifact) -> tuple[str, str] | None:
+        """(referrer digest, how found) of a referrer already carrying ``art.bundle`` (None: none)."""
+        found = self.referrers(repo, art.digest)
+        for d in (found.index.manifests if found.index else ())[:16]:
+            if d.artifact_type not in BUNDLE_TYPES:
+                continue
+            raw = self.get_manifest(repo, d.digest)
+            if raw is not None and any(b.digest == art.bundle_layer.digest for b in parse_manifest(raw).layers):
+                return d.digest, found.mode
+        return None
 
     def confirm_release(self, repo: str, tag: str, art: ReleaseArtifact, report: PushReport) -> None:
         """Read back what a gateway will read: the tag → our manifest, its layer, a referrer → our bundle."""

@@ -8,7 +8,7 @@ points at (``<kind>/<name>`` → sha256), so the statement is about exactly thos
     {"scope": "site/plant-a", "sequence": 12, "issued_at": "2026-12-02T17:00:00Z",
      "releases": [{"kind": "policy", "name": "gate", "version": 7,
                    "sha256": "<artifact sha256>", "digest": "sha256:<release manifest digest>",
-                   "repository": "edge/policy/gate"}]}
+                   "repository": "edge/policy/gate", "bundle": "sha256:<its Sigstore bundle blob>"}]}
 
 ``sequence`` rises with every document published for the scope; a gateway refuses a document whose
 sequence is below the highest it has verified for that scope (an old, genuinely signed document
@@ -63,10 +63,14 @@ class DesiredRelease:
     sha256: str
     digest: str
     repository: str
+    bundle: str = ""  # sha256:<digest> of the release's Sigstore bundle blob (optional: saves a referrer lookup)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "version": self.version, "sha256": self.sha256,
-                "digest": self.digest, "repository": self.repository}
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name, "version": self.version, "sha256": self.sha256,
+                               "digest": self.digest, "repository": self.repository}
+        if self.bundle:
+            out["bundle"] = self.bundle
+        return out
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,10 @@ def _entry(obj: object, i: int) -> DesiredRelease:
         raise MalformedPredicate(f"{where}.digest must be sha256:<64 hex> (the release manifest)")
     if not isinstance(repo, str) or len(repo) > 255 or not _REPO.match(repo):
         raise MalformedPredicate(f"{where}.repository {repo!r} is not an OCI repository name")
-    return DesiredRelease(str(kind), name, version, sha, digest, repo)
+    bundle = obj.get("bundle", "")
+    if bundle != "" and (not isinstance(bundle, str) or not _DIGEST.match(bundle)):
+        raise MalformedPredicate(f"{where}.bundle must be sha256:<64 hex> (the release's signature blob)")
+    return DesiredRelease(str(kind), name, version, sha, digest, repo, str(bundle))
 
 
 def parse_desired(obj: object) -> DesiredState:

@@ -18,8 +18,8 @@ Per N and path, for a new 150 kB policy and then a new 5 MB module:
   converge within one poll period (``--poll``).
 
 Usage: .venv/bin/python scripts/bench/bench_registry.py [--sizes 100,1000,5000] [--workers 4]
-       [--mqtt-module-max 1000] [--poll 20]
-Writes var/bench/registry.json and prints a table.
+       [--mqtt-module-max 1000] [--poll 30] [--kinds policy,module] [--paths registry,mqtt] [--out NAME]
+Writes var/bench/registry.json (or --out) and prints a table.
 """
 
 from __future__ import annotations
@@ -483,6 +483,7 @@ async def amain(opts: argparse.Namespace) -> None:
     logs.configure(level="error")
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-registry-", dir=ROOT / "var"))
+    load_at_start = os.getloadavg()
     try:
         rel = make_releases(tmp, opts.policy_bytes, opts.module_bytes)
         results = []
@@ -491,10 +492,12 @@ async def amain(opts: argparse.Namespace) -> None:
                 print(f"N={n} path={path} …", flush=True)
                 results.append(await run_path(n, path, rel, opts, tmp, opts.kinds))
         print(table(results))
-        (OUT / "registry.json").write_text(json.dumps({
+        out = OUT / opts.out
+        out.write_text(json.dumps({
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-            "options": {k: v for k, v in vars(opts).items() if k != "worker"}, "results": results}, indent=2))
-        print(f"wrote {OUT / 'registry.json'}")
+            "options": {k: v for k, v in vars(opts).items() if k != "worker"},
+            "load_average_at_start": load_at_start, "results": results}, indent=2))
+        print(f"wrote {out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -511,6 +514,7 @@ def main() -> None:
     p.add_argument("--limit", type=float, default=600.0, help="give a phase up after this many seconds")
     p.add_argument("--mqtt-module-max", type=int, default=1000,
                    help="largest N for the 5 MB module over retained MQTT (N x 6.7 MB through one broker)")
+    p.add_argument("--out", default="registry.json", help="file name under var/bench/")
     p.add_argument("--policy-bytes", type=int, default=150_000)
     p.add_argument("--module-bytes", type=int, default=5_000_000)
     opts = p.parse_args()
