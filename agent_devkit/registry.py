@@ -168,6 +168,8 @@ class Registry:
             "  accesslog:",
             "    disabled: true",
             "storage:",
+            "  cache:",
+            "    blobdescriptor: inmemory",  # as Debian's packaged config: no disk round trip per blob stat
             "  filesystem:",
             f"    rootdirectory: {self.workdir / 'data'}",
             "  delete:",

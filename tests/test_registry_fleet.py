@@ -9,6 +9,7 @@ MQTT releases, so what is asserted here is what a gateway runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,11 @@ def test_desired_state_signature_scope_and_sequence() -> None:
         verify_desired(bundle, trust, scope="site/plant-b", min_sequence=None)
     with pytest.raises(UnknownKey):
         verify_desired(sign_desired(other.key, doc), trust, scope="site/plant-a", min_sequence=None)
+    from agent.trust.desired import parse_desired
+    from agent.trust.errors import MalformedPredicate
+    bad = {**doc.to_predicate(), "releases": [{**_entry().to_json(), "bundle": "md5:1234"}]}
+    with pytest.raises(MalformedPredicate, match="bundle"):
+        parse_desired(bad)
     wide = DesiredState("all", 1, "", (_entry(), _entry(name="other")))
     with pytest.raises(KeyOutOfScope):  # the key may sign gate*, not "other"
         verify_desired(sign_desired(signer.key, wide), trust, scope="all", min_sequence=None)
@@ -222,3 +228,27 @@ async def test_a_refused_release_is_not_downloaded_again_every_poll(world: Fleet
             await asyncio.wait_for(puller.synced.wait(), 15)
         assert puller.counters.releases_fetched == 1 and puller.counters.releases_skipped >= 3
         assert gw.releases.active("policy", "gate") is None
+
+
+@async_test
+async def test_no_broker_at_all_the_timer_is_enough(world: FleetWorld, registry: Registry) -> None:
+    """With a registry and no fleet broker (url empty), the gateway still converges: by its timer."""
+    gw = world.gateway("gw-1", url="", registry=registry.url, registry_poll_s=0.5)
+    with pytest.raises(Exception, match="no fleet broker link"):
+        _ = gw.agent.link
+    trust = TrustSet((world.signer.trusted(),))
+    task = asyncio.create_task(gw.agent.run())
+    try:
+        wasm = sandbox_wasm()
+        await asyncio.to_thread(publish, Publisher(RegistryTarget(registry.url)), artifact=wasm,
+                                bundle=world.sign(wasm, 1), targets=[Scope.parse("gw/gw-1")], repo_prefix="edge",
+                                trust=trust, signing_key=world.signer.key)
+        async with asyncio.timeout(30):
+            while (rel := gw.releases.active("policy", "gate")) is None:
+                await asyncio.sleep(0.1)
+        assert rel.version == 1 and gw.policies.get("gate") is not None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        gw.store.close()

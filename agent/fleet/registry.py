@@ -265,6 +265,7 @@ class RegistryPuller:
         self._offered: set[tuple[str, str, int, str]] = set()
         self._tries: dict[tuple[str, str, int, str], int] = {}
         self._retry_at: dict[tuple[str, str, int, str], float] = {}
+        self._next_prune = 0.0
         self._wake = asyncio.Event()
         self._pending: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -344,8 +345,10 @@ class RegistryPuller:
                 except Exception as exc:  # a bug must not stop the puller: next round tries again
                     self.counters.failures += 1
                     log.error("fleet_registry_pull_error", scope=scope, error=repr(exc))
-            with contextlib.suppress(AgentError):
-                await run_blocking(prune_partials, self.work_dir, set())
+            if time.monotonic() >= self._next_prune:  # leftovers of abandoned downloads, once an hour
+                self._next_prune = time.monotonic() + 3600.0
+                with contextlib.suppress(AgentError, OSError):
+                    await run_blocking(prune_partials, self.work_dir, set())
             self.synced.set()
 
     async def _state(self, state: str, detail: str) -> None:

@@ -364,10 +364,43 @@ def _publish(registry_url: str, rel: Releases, kind: str, version: int) -> list[
     return report.scopes
 
 
+async def _phase(run: Run, meter: BrokerMeter, rel: Releases, kind: str, path: str, registry: Any, port: int,
+                 bell: Any, online: list[int], n: int, opts: argparse.Namespace, out: dict[str, Any]) -> None:
+    """One release (kind) to every online gateway of one path; fills ``out["phases"][kind]``."""
+    from agent.fleet.publishing import ring
+
+    artifact, bundle = rel.arts[(kind, 2)]
+    b0, s0 = await meter.settled(), await _stats(run)
+    t0 = time.time()
+    if path == "registry":
+        scopes = await asyncio.to_thread(_publish, registry.url, rel, kind, 2)
+        await ring(bell, TOPICS.prefix, scopes)
+    else:
+        name = dict(KINDS)[kind]
+        # the broker acknowledges a retained release only once it has queued it for everybody: at
+        # N x 6.7 MB that can take minutes (a 10 s timeout failed at N = 1,000)
+        async with aiomqtt.Client("127.0.0.1", port, identifier="bench-pub", timeout=900) as pub:
+            await pub.publish(TOPICS.release(Scope("all"), kind, name), encode(kind, name, 2, artifact, bundle),
+                              qos=1, retain=True, timeout=900)
+    got = run.active.setdefault((kind, 2), {})
+    done = await _until(run, lambda: all(i in got for i in online), opts.limit)
+    t_last = max((got[i] for i in online if i in got), default=t0)
+    b1, s1 = await meter.settled(), await _stats(run)
+    out["phases"][kind] = {
+        "bytes": len(artifact), "converge_s": round(t_last - t0, 2), "all_converged": done,
+        "left_behind": sum(1 for i in online if i not in got),
+        "broker_bytes_per_gw": round((b1 - b0) / len(online)),
+        "registry_bytes_per_gw": round((s1["bytes"] - s0["bytes"]) / len(online)),
+        "registry_requests_per_gw": round((s1["requests"] - s0["requests"]) / len(online), 2),
+        "p50_s": round(sorted(got[i] - t0 for i in online if i in got)[len(got) // 2], 2) if got else None,
+    }
+    print(f"  N={n} {path:<8} {kind:<6} converged in {t_last - t0:6.2f} s "
+          f"(left behind {out['phases'][kind]['left_behind']})", flush=True)
+
+
 async def run_path(n: int, path: str, rel: Releases, opts: argparse.Namespace, tmp: Path,
                    kinds: list[str]) -> dict[str, Any]:
     from agent.fleet.link import LinkConfig
-    from agent.fleet.publishing import ring
     from agent_devkit.broker import Broker, free_port
     from agent_devkit.registry import Registry
 
@@ -409,35 +442,15 @@ async def run_path(n: int, path: str, rel: Releases, opts: argparse.Namespace, t
             if path == "mqtt" and kind == "module" and n > opts.mqtt_module_max:
                 out["phases"][kind] = {"skipped": f"N > --mqtt-module-max {opts.mqtt_module_max}"}
                 continue
-            artifact, bundle = rel.arts[(kind, 2)]
-            b0, s0 = await meter.settled(), await _stats(run)
-            t0 = time.time()
-            if path == "registry":
-                scopes = await asyncio.to_thread(_publish, registry.url, rel, kind, 2)  # type: ignore[union-attr]
-                await ring(bell, TOPICS.prefix, scopes)
-            else:
-                name = dict(KINDS)[kind]
-                async with aiomqtt.Client("127.0.0.1", port, identifier="bench-pub") as pub:
-                    await pub.publish(TOPICS.release(Scope("all"), kind, name), encode(kind, name, 2, artifact, bundle),
-                                      qos=1, retain=True)
-            got = run.active.setdefault((kind, 2), {})
-            done = await _until(run, lambda: all(i in got for i in online), opts.limit)  # noqa: B023
-            t_last = max((got[i] for i in online if i in got), default=t0)
-            b1, s1 = await meter.settled(), await _stats(run)
-            out["phases"][kind] = {
-                "bytes": len(artifact), "converge_s": round(t_last - t0, 2), "all_converged": done,
-                "left_behind": sum(1 for i in online if i not in got),
-                "broker_bytes_per_gw": round((b1 - b0) / len(online)),
-                "registry_bytes_per_gw": round((s1["bytes"] - s0["bytes"]) / len(online)),
-                "registry_requests_per_gw": round((s1["requests"] - s0["requests"]) / len(online), 2),
-                "p50_s": round(sorted(got[i] - t0 for i in online if i in got)[len(got) // 2], 2) if got else None,
-            }
-            print(f"  N={n} {path:<8} {kind:<6} converged in {t_last - t0:6.2f} s "
-                  f"(left behind {out['phases'][kind]['left_behind']})", flush=True)
+            try:
+                await _phase(run, meter, rel, kind, path, registry, port, bell, online, n, opts, out)
+            except Exception as exc:  # e.g. the broker cannot even acknowledge the publish
+                out["phases"][kind] = {"failed": repr(exc)}
+                print(f"  N={n} {path:<8} {kind:<6} failed: {exc!r}", flush=True)
         # the offline 1 %: they reconnect now and must converge within one poll period
         t_r = time.time()
         await _command(run, {"cmd": "reconnect"})
-        measured = [k for k in kinds if "skipped" not in out["phases"][k]]
+        measured = [k for k in kinds if "converge_s" in out["phases"].get(k, {})]
         ok = await _until(run, lambda: all(i in run.active.get((k, 2), {}) for k in measured for i in offline),
                           max(opts.poll * 2, 60))
         worst = max((run.active.get((k, 2), {}).get(i, float("inf")) - t_r for k in measured for i in offline),
@@ -469,8 +482,9 @@ def table(results: list[dict[str, Any]]) -> str:
     rows = [head, "|" + "---|" * 10]
     for r in results:
         for kind, ph in r["phases"].items():
-            if "skipped" in ph:
-                rows.append(f"| {r['n']} | {r['path']} | {kind} | not run ({ph['skipped']}) | | | | | | |")
+            if "converge_s" not in ph:
+                why = ph.get("skipped") or ph.get("failed")
+                rows.append(f"| {r['n']} | {r['path']} | {kind} | not measured ({why}) | | | | | | |")
                 continue
             rows.append(f"| {r['n']} | {r['path']} | {kind} {ph['bytes'] // 1000} kB | {ph['converge_s']} | "
                         f"{ph['left_behind']} | {ph['broker_bytes_per_gw']:,} | {ph['registry_bytes_per_gw']:,} | "
@@ -487,16 +501,21 @@ async def amain(opts: argparse.Namespace) -> None:
     try:
         rel = make_releases(tmp, opts.policy_bytes, opts.module_bytes)
         results = []
+        out = OUT / opts.out
         for n in opts.sizes:
             for path in opts.paths:
                 print(f"N={n} path={path} …", flush=True)
-                results.append(await run_path(n, path, rel, opts, tmp, opts.kinds))
-        print(table(results))
-        out = OUT / opts.out
-        out.write_text(json.dumps({
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-            "options": {k: v for k, v in vars(opts).items() if k != "worker"},
-            "load_average_at_start": load_at_start, "results": results}, indent=2))
+                try:
+                    results.append(await run_path(n, path, rel, opts, tmp, opts.kinds))
+                except Exception as exc:  # a path that breaks at this N is a result too
+                    print(f"  N={n} {path}: failed: {exc!r}", flush=True)
+                    results.append({"n": n, "path": path, "failed": repr(exc), "phases": {}})
+                out.write_text(json.dumps({  # after every run: a later failure keeps what was measured
+                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                "platform": platform.platform()},
+                    "options": {k: v for k, v in vars(opts).items() if k != "worker"},
+                    "load_average_at_start": load_at_start, "results": results}, indent=2))
+        print(table([r for r in results if "failed" not in r]))
         print(f"wrote {out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
