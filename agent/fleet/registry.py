@@ -416,13 +416,20 @@ class RegistryPuller:
         predicate = statement.predicate if isinstance(statement.predicate, dict) else {}
         return statement.subject_sha256 == entry.sha256 and predicate.get("version") == entry.version
 
-    def _back_off(self, ident: tuple[str, str, int, str]) -> None:
-        """A release that was fetched and then refused (or failed to fetch) waits before the next try:
-        one poll period, doubling up to a day — a permanently bad release is not downloaded every poll,
-        one the gateway can take later (a key added, the clock fixed) is still taken."""
+    def _back_off(self, ident: tuple[str, str, int, str], *, transient: bool = False) -> None:
+        """Wait before the next try of a release. Refused by the gateway: one poll period, doubling up
+        to a day (a permanently bad release is not downloaded every poll; one the gateway can take
+        later — a key added, the clock fixed — is still taken). A failed fetch (timeout, registry
+        busy): 5–30 s, jittered and doubling up to the poll period, so an overloaded registry is
+        retried soon but not in step by the whole fleet."""
         tries = self._tries.get(ident, 0) + 1
         self._tries[ident] = tries
-        self._retry_at[ident] = time.monotonic() + min(self.settings.poll_s * 2 ** (tries - 1), 86400.0)
+        if transient:
+            wait = min(self.rng.uniform(5.0, 30.0) * 2 ** (tries - 1), self.settings.poll_s)
+            self.kick(delay=wait + 0.5)
+        else:
+            wait = min(self.settings.poll_s * 2 ** (tries - 1), 86400.0)
+        self._retry_at[ident] = time.monotonic() + wait
 
     async def _fetch(self, entry: DesiredRelease, scope: str) -> None:
         ident = (entry.kind, entry.name, entry.version, entry.sha256)
@@ -434,7 +441,10 @@ class RegistryPuller:
             return
         try:
             await self._fetch_now(entry, scope)
-        except (RegistryError, OciFormatError):
+        except RegistryError:
+            self._back_off(ident, transient=True)
+            raise
+        except OciFormatError:
             self._back_off(ident)
             raise
 
